@@ -1,0 +1,29 @@
+# `make run` and `make test` do all set-up on a fresh machine (a virtualenv in .venv).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export PYTHONWARNINGS := ignore::DeprecationWarning
+
+.PHONY: run test repro setup clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+run: setup  ## the whole pipeline on the built-in zoo, results table at the end
+	$(BIN)/mergeflow run
+
+test: setup  ## the test suite
+	$(BIN)/python -m pytest -q
+
+repro: setup  ## the same stages through DVC
+	$(BIN)/dvc repro
+
+clean:
+	rm -rf artifacts .mergeflow mlflow.db mlartifacts

@@ -1,0 +1,86 @@
+"""The full ``mergeflow`` command: the library's commands plus the orchestrated ``run``."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mergeflow.cli import SetOpt, app, fail, guarded
+from mergeflow.errors import MergeflowError
+
+
+def save_overrides(path: Path, sets: list[str]) -> None:
+    """Write ``--set`` overrides into the params file, comments kept (as ``dvc exp run -S`` does),
+    so that dvc.lock, the MLflow run and the next ``dvc repro`` all see the params that ran."""
+    from ruamel.yaml import YAML
+
+    from mergeflow.io.atomic import write_text
+    import io
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    data = yaml.load(path.read_text()) or {}
+    for item in sets:
+        key, raw = item.split("=", 1)
+        keys = key.strip().split(".")
+        node = data
+        for k in keys[:-1]:
+            if k not in node:
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = YAML(typ="safe").load(raw)
+    buf = io.StringIO()
+    yaml.dump(data, buf)
+    write_text(path, buf.getvalue())
+
+
+def print_table(metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mergeflow.evaluate import table
+
+    t = Table(title="mergeflow results (accuracy on held-out test splits)")
+    for col in ("model", "acc avg", "normalised acc", "storage bytes", "storage / fp32 task vectors"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for name, acc, norm, storage, ratio in table(metrics):
+        t.add_row(name, f"{acc:.4f}", f"{norm:.4f}", f"{storage:,}", f"{ratio:.4f}")
+    Console().print(t)
+    if "switches" in metrics:
+        s = metrics["switches"]
+        Console().print(f"T-Switch at drop {s['drop']}: {s['bits_per_param']:.3f} bits/param "
+                        f"(entropy floor {s['entropy_floor_bits']:.3f}, keep fraction {s['keep_fraction']:.3f})")
+
+
+@app.command("run")
+def run_cmd(
+    params: Annotated[Path, typer.Option(help="params file")] = Path("params.yaml"),
+    set_: SetOpt = None,
+    no_track: Annotated[bool, typer.Option("--no-track", help="skip MLflow logging")] = False,
+) -> None:
+    """Run the whole pipeline as a Prefect flow (cached by inputs), then DVC commit and MLflow log."""
+    from mergeflow.params import load_params
+
+    t0 = time.perf_counter()
+    p = guarded(lambda: load_params(params, set_ or ()))  # every key checked before any work
+    if set_:
+        save_overrides(params, set_)
+    from flows.pipeline import pipeline
+
+    try:
+        result = pipeline(p, str(params.resolve().parent), track=not no_track)
+    except MergeflowError as exc:
+        fail(str(exc))
+    print_table(result["metrics"])
+    cached = [r["stage"] for r in result["stages"] if r["cached"]]
+    typer.echo(f"stages cached: {', '.join(cached) or 'none'}; total {time.perf_counter() - t0:.1f} s")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The pipeline flow: download -> extract -> compress -> merge -> evaluate, then DVC and MLflow."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from mergeflow.params import Params  # noqa: E402
+from mergeflow.stages import STAGES, Layout  # noqa: E402
+from tasks import cache  # noqa: E402
+from tasks.stages import run_stage  # noqa: E402
+from tasks.track import log_run  # noqa: E402
+from tasks.version import dvc_commit, git_commit  # noqa: E402
+
+WORKERS = max(1, min(2, os.cpu_count() or 1))  # the default thread runner is unbounded: cap it
+
+
+@flow(name="mergeflow-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
+def pipeline(p: Params, root: str, track: bool = True) -> dict:
+    """Run every stage (each skipped when its inputs are unchanged), commit to DVC, log to MLflow."""
+    log = get_run_logger()
+    root_path = Path(root).resolve()
+    code = cache.code_digest()
+    runs = []
+    for i, stage in enumerate(STAGES, 1):
+        log.info("stage %d/%d: %s", i, len(STAGES), stage)
+        runs.append(run_stage(stage, p, root_path, code))
+    metrics = json.loads((Layout(root_path).eval / "metrics.json").read_text())
+    lock = dvc_commit(root_path)
+    run_id = None
+    if track:
+        run_id = log_run(p, root_path, metrics, runs, {"git_commit": git_commit(root_path), "dvc_lock_sha256": lock,
+                                                        "mergeflow.experiment": p.experiment})
+    return {"metrics": metrics, "stages": runs, "mlflow_run_id": run_id, "dvc_lock_sha256": lock}

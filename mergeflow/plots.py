@@ -1,0 +1,50 @@
+"""Plots people compare: accuracy per task per model, and storage against normalised accuracy."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+from mergeflow.io.atomic import atomic_file
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_all(metrics: Mapping, out_dir: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    models = {"base": metrics["base"], "experts": metrics["experts"], **metrics["methods"]}
+    tasks = list(metrics["experts"]["acc"])
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks) + 2), 4))
+    for i, (name, row) in enumerate(models.items()):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, [row["acc"][t] for t in tasks], width, label=f"{name} ({row['acc_avg']:.3f})")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=30)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Accuracy per task (legend: average)")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    paths = [_save(fig, out_dir / "accuracy.png")]
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, row in models.items():
+        x = max(row["storage_ratio"], 1e-4)
+        ax.scatter(x, row["norm_acc_avg"], s=40)
+        ax.annotate(name, (x, row["norm_acc_avg"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("storage / float32 task vectors (log)")
+    ax.set_ylabel("normalised accuracy")
+    ax.set_title("Storage against normalised accuracy")
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out_dir / "storage.png"))
+    plt.close(fig)
+    return paths

@@ -1,0 +1,91 @@
+"""Stage caching by inputs: a stage is skipped when its fingerprint (its params, the library's
+code and the digests of its upstream stages' outputs) matches the stamp of its last run and
+its own outputs are still exactly as that run left them."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mergeflow
+from mergeflow.io.atomic import write_json
+from mergeflow.params import Params
+from mergeflow.stages import Layout
+
+# What each stage reads: its params keys (as in dvc.yaml) and its upstream stages.
+STAGE_PARAMS = {
+    "download": ("seed", "download"),
+    "extract": ("extract",),
+    "compress": ("extract", "compress"),
+    "merge": ("seed", "device", "extract", "merge"),
+    "evaluate": ("device", "extract", "merge", "evaluate"),
+}
+UPSTREAM = {
+    "download": (),
+    "extract": ("download",),
+    "compress": ("extract",),
+    "merge": ("download", "extract", "compress"),
+    "evaluate": ("download", "compress", "merge"),
+}
+
+
+def stamp_path(root: Path, stage: str) -> Path:
+    return root / ".mergeflow" / "stamps" / f"{stage}.json"
+
+
+def code_digest() -> str:
+    """Hash of the library's source: a code change invalidates every stage, as in dvc.yaml's deps."""
+    h = hashlib.sha256()
+    pkg = Path(mergeflow.__file__).parent
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(str(f.relative_to(pkg)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def outs_digest(paths: list[Path]) -> str | None:
+    """Cheap identity of a stage's outputs (path, size, mtime of every file); None if any is missing."""
+    h = hashlib.sha256()
+    for path in paths:
+        if not path.exists():
+            return None
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(path.parent)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def read_stamp(root: Path, stage: str) -> dict | None:
+    try:
+        return json.loads(stamp_path(root, stage).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fingerprint(p: Params, root: Path, stage: str, code: str) -> str | None:
+    """None when an upstream stage has no valid stamp (then this stage must run)."""
+    parts = {"stage": stage, "params": p.section(*STAGE_PARAMS[stage]), "code": code, "upstream": {}}
+    for up in UPSTREAM[stage]:
+        stamp = read_stamp(root, up)
+        if stamp is None:
+            return None
+        parts["upstream"][up] = stamp["outs"]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def is_fresh(p: Params, root: Path, stage: str, code: str) -> bool:
+    stamp = read_stamp(root, stage)
+    fp = fingerprint(p, root, stage, code)
+    return bool(stamp and fp and stamp["fingerprint"] == fp and stamp["outs"] == outs_digest(Layout(root).outs(stage)))
+
+
+def write_stamp(p: Params, root: Path, stage: str, code: str, summary: dict) -> None:
+    fp = fingerprint(p, root, stage, code)
+    outs = outs_digest(Layout(root).outs(stage))
+    write_json(stamp_path(root, stage), {"fingerprint": fp, "outs": outs, "summary": summary, "pid": os.getpid()})
+
+
+def invalidate(root: Path, stage: str) -> None:
+    stamp_path(root, stage).unlink(missing_ok=True)

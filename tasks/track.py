@@ -1,0 +1,74 @@
+"""MLflow: one experiment per ``experiment`` param, a parent run per pipeline run, a nested run
+per method; params, every metric, the plots and tables, tags leading back to git and dvc.lock."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from mergeflow.params import Params
+
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="sqlalchemy")
+warnings.filterwarnings("ignore", message=".*SQLAlchemy.*")
+
+
+def tracking_uri(root: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def experiment_id(mlflow, name: str, root: Path) -> str:
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = os.environ.get("MLFLOW_ARTIFACT_LOCATION") or (root / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def _metrics(row: dict, prefix: str = "") -> dict[str, float]:
+    out = {f"{prefix}acc.{t}": a for t, a in row["acc"].items()}
+    out |= {f"{prefix}norm_acc.{t}": a for t, a in row["norm_acc"].items()}
+    out |= {f"{prefix}{k}": float(row[k]) for k in ("acc_avg", "norm_acc_avg", "storage_bytes", "storage_ratio")}
+    return out
+
+
+@task(name="mlflow-log", cache_policy=None, retries=2, retry_delay_seconds=2)
+def log_run(p: Params, root: Path, metrics: dict, stage_runs: list[dict], tags: dict[str, str | None]) -> str:
+    import mlflow
+
+    log = get_run_logger()
+    mlflow.set_tracking_uri(tracking_uri(root))
+    exp = experiment_id(mlflow, p.experiment, root)
+    params = p.model_dump(mode="json")
+    cached = [r["stage"] for r in stage_runs if r["cached"]]
+    run_tags = {k: v for k, v in tags.items() if v} | {"mergeflow.cached_stages": ",".join(cached) or "none"}
+    with mlflow.start_run(experiment_id=exp, run_name=f"pipeline-{p.experiment}", tags=run_tags) as parent:
+        mlflow.log_params({k: str(v) for k, v in flatten({k: v for k, v in params.items() if k != "merge"}).items()})
+        mlflow.log_param("merge.methods", ",".join(p.merge.methods))
+        mlflow.log_metrics(_metrics(metrics["base"], "base.") | _metrics(metrics["experts"], "experts."))
+        mlflow.log_metrics({f"switches.{k}": float(v) for k, v in metrics.get("switches", {}).items()})
+        mlflow.log_metrics({f"stage_seconds.{r['stage']}": r["seconds"] for r in stage_runs})
+        for name, row in metrics["methods"].items():
+            with mlflow.start_run(experiment_id=exp, run_name=name, nested=True, tags=run_tags | {"mergeflow.method": name}):
+                hp = {"drop": params["compress"]["drop"]} if name == "tswitch" else p.merge.hyper(name)
+                mlflow.log_params({"method": name, **hp})
+                mlflow.log_metrics(_metrics(row))
+        eval_dir = root / "artifacts" / "eval"
+        mlflow.log_artifacts(str(eval_dir), artifact_path="eval")
+        if (root / "params.yaml").exists():
+            mlflow.log_artifact(str(root / "params.yaml"))
+        if (root / "dvc.lock").exists():
+            mlflow.log_artifact(str(root / "dvc.lock"))
+    log.info("mlflow: run %s in experiment %r (%s)", parent.info.run_id, p.experiment, tracking_uri(root))
+    return parent.info.run_id
