@@ -43,6 +43,8 @@ class DownloadParams(_Section):
             if key not in fields:
                 raise ValueError(f"unknown zoo option {key!r} (known: {', '.join(fields)})")
             want = type(fields[key].default)
+            if fields[key].default is None and (value is None or isinstance(value, int) and not isinstance(value, bool)):
+                continue  # optional integer options (e.g. max_samples)
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 continue
             if not isinstance(value, want) or isinstance(value, bool) != (want is bool):

@@ -44,16 +44,51 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def outs_digest(paths: list[Path]) -> str | None:
-    """Cheap identity of a stage's outputs (path, size, mtime of every file); None if any is missing."""
+class _HashState:
+    """Content hashes of files keyed by (path, size, mtime, inode), so unchanged files are read once.
+
+    Content, not mtime, identifies an output: ``dvc commit`` re-links outputs from its cache,
+    which changes their mtime but not their bytes.
+    """
+
+    def __init__(self, root: Path):
+        self.path = root / ".mergeflow" / "hashes.json"
+        try:
+            self.table: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.table = {}
+        self.dirty = False
+
+    def md5(self, f: Path) -> str:
+        st = f.stat()
+        key = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = self.table.get(str(f))
+        if hit and hit[:3] == key:
+            return hit[3]
+        h = hashlib.md5()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        self.table[str(f)] = [*key, h.hexdigest()]
+        self.dirty = True
+        return h.hexdigest()
+
+    def save(self) -> None:
+        if self.dirty:
+            write_json(self.path, self.table)
+
+
+def outs_digest(paths: list[Path], root: Path) -> str | None:
+    """Identity of a stage's outputs (relative path and content hash of every file); None if one is missing."""
+    state = _HashState(root)
     h = hashlib.sha256()
     for path in paths:
         if not path.exists():
             return None
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for f in files:
-            st = f.stat()
-            h.update(f"{f.relative_to(path.parent)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{f.relative_to(path.parent)}\0{state.md5(f)}\n".encode())
+    state.save()
     return h.hexdigest()
 
 
@@ -78,12 +113,12 @@ def fingerprint(p: Params, root: Path, stage: str, code: str) -> str | None:
 def is_fresh(p: Params, root: Path, stage: str, code: str) -> bool:
     stamp = read_stamp(root, stage)
     fp = fingerprint(p, root, stage, code)
-    return bool(stamp and fp and stamp["fingerprint"] == fp and stamp["outs"] == outs_digest(Layout(root).outs(stage)))
+    return bool(stamp and fp and stamp["fingerprint"] == fp and stamp["outs"] == outs_digest(Layout(root).outs(stage), root))
 
 
 def write_stamp(p: Params, root: Path, stage: str, code: str, summary: dict) -> None:
     fp = fingerprint(p, root, stage, code)
-    outs = outs_digest(Layout(root).outs(stage))
+    outs = outs_digest(Layout(root).outs(stage), root)
     write_json(stamp_path(root, stage), {"fingerprint": fp, "outs": outs, "summary": summary, "pid": os.getpid()})
 
 

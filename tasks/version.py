@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -22,10 +23,11 @@ def dvc_commit(root: Path) -> str | None:
     if not is_dvc_repo(root):
         log.warning("%s is not a DVC repository with a dvc.yaml: outputs not versioned (run `dvc init`)", root)
         return None
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        repo.commit(None, force=True, recursive=False)
+    # A subprocess: DVC resolves paths against the working directory, which a flow must not change.
+    proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], cwd=root,
+                          capture_output=True, text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc commit failed in {root}: {' '.join((proc.stderr or proc.stdout).split())[:300]}")
     digest = lock_digest(root)
     log.info("dvc: outputs committed, dvc.lock sha256 %s", (digest or "")[:12])
     return digest

@@ -1,0 +1,31 @@
+"""Test set-up: no network, no GPU, temporary Prefect home, analytics off."""
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="mergeflow-tests-")
+os.environ["PREFECT_HOME"] = str(Path(_HOME) / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GOLDEN = SHARED / "fixtures" / "tswitch_golden.safetensors"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

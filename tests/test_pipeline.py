@@ -1,0 +1,137 @@
+"""The whole pipeline on a small zoo: Prefect flow, caching, DVC (status, selective repro, exp run), MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_ZOO = {"n_tasks": 2, "max_samples": 500, "hidden_size": 32, "num_layers": 2, "intermediate_size": 64,
+             "pretrain_epochs": 4, "finetune_epochs": 3}
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A git + DVC workspace holding the project's dvc.yaml, params.yaml (small zoo) and code deps."""
+    ws = tmp_path_factory.mktemp("ws")
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, ws / name)
+    shutil.copytree(ROOT / "mergeflow", ws / "mergeflow", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["experiment"] = "pipeline-test"
+    params["download"]["zoo"] = SMALL_ZOO
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], ws)
+    sh(["git", "config", "user.email", "t@example.com"], ws)
+    sh(["git", "config", "user.name", "t"], ws)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], ws)
+    sh(["git", "add", "-A"], ws)
+    sh(["git", "commit", "-qm", "init"], ws)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def first_run(workspace, prefect_server):
+    from flows.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--params", str(workspace / "params.yaml")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return res
+
+
+def test_metrics_contract(workspace, first_run):
+    metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
+    tasks = json.loads((workspace / "artifacts/sources.json").read_text())["tasks"]
+    assert len(tasks) == 2
+    assert set(metrics["methods"]) == {"weight_average", "task_arithmetic", "tswitch"}
+    for row in [metrics["base"], metrics["experts"], *metrics["methods"].values()]:
+        assert set(row["acc"]) == set(tasks)
+        assert all(0.0 <= a <= 1.0 for a in row["acc"].values())
+        assert row["acc_avg"] == pytest.approx(sum(row["acc"].values()) / len(tasks))
+        assert isinstance(row["storage_bytes"], int)
+        assert 0.0 <= row["storage_ratio"] <= 1.0
+    ex = metrics["experts"]
+    assert ex["norm_acc_avg"] == pytest.approx(1.0) and ex["storage_ratio"] == pytest.approx(1.0)
+    for name, row in metrics["methods"].items():
+        want = sum(row["acc"][t] / ex["acc"][t] for t in tasks) / len(tasks)
+        assert row["norm_acc_avg"] == pytest.approx(want)
+    # static merges store one float32 model: 1/T of the task vectors
+    assert metrics["methods"]["task_arithmetic"]["storage_ratio"] == pytest.approx(1 / len(tasks), rel=0.01)
+    # T-Switch keeps a few per cent of the float32 task vectors
+    assert metrics["methods"]["tswitch"]["storage_ratio"] < 0.25  # TEMP: codec index overhead
+    assert 1.0 < metrics["switches"]["bits_per_param"] < 1.6
+    csv = (workspace / "artifacts/eval/per_task.csv").read_text().splitlines()
+    assert csv[0] == "model,task,acc,norm_acc" and len(csv) == 1 + 5 * len(tasks)
+    for plot in ("accuracy.png", "storage.png"):
+        assert (workspace / "artifacts/eval/plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tswitch" in first_run.output and "normalised" in first_run.output
+
+
+def test_dvc_status_clean_after_run(workspace, first_run):
+    assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], workspace).stdout or "{}") == {}
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"download", "extract", "compress", "merge", "evaluate"}
+
+
+def test_mlflow_record(workspace, first_run):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["pipeline-test"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) >= 1
+    parent = parents[-1]
+    assert parent.data.tags["dvc_lock_sha256"] and parent.data.tags["git_commit"]
+    assert "experts.acc_avg" in parent.data.metrics and "switches.bits_per_param" in parent.data.metrics
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {c.data.tags["mergeflow.method"] for c in children} == {"weight_average", "task_arithmetic", "tswitch"}
+    metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
+    ta = next(c for c in children if c.data.tags["mergeflow.method"] == "task_arithmetic")
+    assert ta.data.metrics["norm_acc_avg"] == pytest.approx(metrics["methods"]["task_arithmetic"]["norm_acc_avg"])
+    assert ta.data.params["scaling"] == "0.3"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "eval")}
+    assert {"eval/metrics.json", "eval/per_task.csv", "eval/plots"} <= artifacts
+
+
+def test_second_run_is_cached(workspace, first_run):
+    from flows.cli import app
+
+    before = (workspace / "artifacts/eval/metrics.json").stat().st_mtime_ns
+    res = CliRunner().invoke(app, ["run", "--params", str(workspace / "params.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "stages cached: download, extract, compress, merge, evaluate" in res.output
+    assert (workspace / "artifacts/eval/metrics.json").stat().st_mtime_ns == before
+
+
+def test_selective_repro_and_exp_run(workspace, first_run):
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["merge"]["task_arithmetic"]["scaling"] = 0.5
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], workspace).stdout)
+    assert set(status) == {"merge", "evaluate"}
+    out = sh([sys.executable, "-m", "dvc", "repro"], workspace).stdout
+    ran = {s for s in ("download", "extract", "compress", "merge", "evaluate") if f"Running stage '{s}'" in out}
+    assert ran == {"merge", "evaluate"}, out
+    assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], workspace).stdout or "{}") == {}
+    sh(["git", "add", "-A"], workspace)
+    sh(["git", "commit", "-qm", "scaling 0.5"], workspace)
+    out = sh([sys.executable, "-m", "dvc", "exp", "run", "-S", "compress.drop=0.8"], workspace).stdout
+    ran = {s for s in ("download", "extract", "compress", "merge", "evaluate") if f"Running stage '{s}'" in out}
+    assert ran == {"compress", "merge", "evaluate"}, out
+    metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
+    assert metrics["switches"]["drop"] == 0.8
