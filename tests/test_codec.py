@@ -30,7 +30,10 @@ def random_ternary(shape, q: float, seed: int, neg_share: float = 0.5) -> torch.
 
 def sample_switch() -> Switch:
     return Switch(
-        tensors={"layer.0.weight": SwitchTensor(random_ternary((16, 8), 0.4, 0), 0.125), "layer.0.bias": SwitchTensor(random_ternary((16,), 0.3, 1), 2.5)},
+        tensors={
+            "layer.0.weight": SwitchTensor(random_ternary((16, 8), 0.4, 0), 0.125),
+            "layer.0.bias": SwitchTensor(random_ternary((16,), 0.3, 1), 2.5),
+        },
         dense={"logit_scale": torch.tensor(4.6), "head.weight": torch.randn(3, 4, dtype=torch.float16)},
         skipped=["frozen.weight"],
         metadata={"task": "mnist", "drop": "0.6"},
@@ -133,7 +136,8 @@ def test_bits_per_param_against_the_floor(tmp_path, q):
 def test_stats_sum_over_tensors(tmp_path):
     stats = save_switch(tmp_path / "s.safetensors", sample_switch(), encoding="bitmap")
     assert sum(bits for _, bits in stats.per_tensor.values()) == 8 * stats.payload_bytes
-    assert stats.payload_bytes == sum(bitmap_bits(t.ternary.numel(), int(t.ternary.ne(0).sum())) for t in sample_switch().tensors.values()) // 8
+    tensors = sample_switch().tensors.values()
+    assert 8 * stats.payload_bytes == sum(bitmap_bits(t.ternary.numel(), int(t.ternary.ne(0).sum())) for t in tensors)
 
 
 # --- the documented bytes (docs/switch-format.md, worked example) --------------------------
@@ -146,11 +150,12 @@ def test_documented_example_bytes(tmp_path, encoding, payload):
     path = tmp_path / "ex.safetensors"
     save_switch(path, Switch(tensors={"w": SwitchTensor(EXAMPLE, 0.5)}), encoding=encoding)
     with safe_open(path, "pt") as f:
-        assert bytes(f.get_tensor("payload/w").numpy()).hex(" ") == payload
+        assert bytes(f.get_tensor("payload").numpy()).hex(" ") == payload
         assert f.get_tensor("scales").tolist() == [0.5]
         meta = f.metadata()
     assert (meta["format"], meta["format_version"]) == (FORMAT_NAME, str(FORMAT_VERSION))
-    assert json.loads(meta["switch"])["tensors"]["w"] == {"shape": [8], "encoding": encoding, "counts": [2, 4, 2]}
+    n_bytes = len(payload.split())
+    assert read_index(path)["tensors"] == [{"name": "w", "shape": [8], "encoding": encoding, "counts": [2, 4, 2], "bytes": n_bytes}]
 
 
 # --- bad files ---------------------------------------------------------------------------
@@ -163,12 +168,20 @@ def assert_refused(path: Path, match: str = "") -> None:
     assert match in message, message
 
 
-def rewrite_metadata(path: Path, fix_crc: bool = False, **changes: str) -> None:
-    """Rewrite a switch file's header fields (re-checksumming the index if ``fix_crc``)."""
+def read_index(path: Path) -> dict:
+    with safe_open(path, "pt") as f:
+        return json.loads(zlib.decompress(f.get_tensor("index").numpy().tobytes()))
+
+
+def rewrite_metadata(path: Path, fix_crc: bool = False, index: dict | bytes | None = None, **changes: str) -> None:
+    """Rewrite a switch file's header fields and/or its index (re-checksumming the index if ``fix_crc``)."""
     with safe_open(path, "pt") as f:
         meta, tensors = {**f.metadata(), **changes}, {k: f.get_tensor(k) for k in f.keys()}
+    if index is not None:
+        raw = index if isinstance(index, bytes) else json.dumps(index).encode()
+        tensors["index"] = torch.frombuffer(bytearray(zlib.compress(raw)), dtype=torch.uint8)
     if fix_crc:
-        meta["switch_crc32"] = str(zlib.crc32(meta["switch"].encode()))
+        meta["index_crc32"] = str(zlib.crc32(tensors["index"].numpy().tobytes()))
     save_file(tensors, path, metadata=meta)
 
 
@@ -212,27 +225,35 @@ def test_newer_version_refused(good):
 
 @pytest.mark.parametrize(
     "changes, match",
-    [({"format_version": "x"}, "version"), ({"format": "other"}, "not a"), ({"switch": "{"}, "index"), ({"switch_crc32": "1"}, "checksum")],
+    [
+        ({"format_version": "x"}, "version"),
+        ({"format": "other"}, "not a"),
+        ({"index_crc32": "1"}, "checksum"),
+    ],
 )
 def test_bad_header_fields(good, changes, match):
     rewrite_metadata(good, **changes)
     assert_refused(good, match)
 
 
+def test_garbled_index(good):
+    rewrite_metadata(good, fix_crc=True, index=b"{")
+    assert_refused(good, "index")
+
+
 def test_index_lies_about_counts(good):
-    with safe_open(good, "pt") as f:
-        index = json.loads(f.metadata()["switch"])
-    entry = index["tensors"]["layer.0.weight"]
+    index = read_index(good)
+    entry = index["tensors"][0]
+    assert entry["name"] == "layer.0.weight"
     entry["counts"] = [entry["counts"][0] + 1, entry["counts"][1] - 1, entry["counts"][2]]
-    rewrite_metadata(good, fix_crc=True, switch=json.dumps(index))
+    rewrite_metadata(good, fix_crc=True, index=index)
     assert_refused(good, "layer.0.weight")
 
 
 def test_index_metadata_edit_fails_checksum(good):
-    with safe_open(good, "pt") as f:
-        index = json.loads(f.metadata()["switch"])
+    index = read_index(good)
     index["skipped"] = []
-    rewrite_metadata(good, switch=json.dumps(index))
+    rewrite_metadata(good, index=index)
     assert_refused(good, "checksum")
 
 

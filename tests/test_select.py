@@ -50,8 +50,8 @@ def test_adversarial_matches_sort(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes_exact(dtype):
     torch.manual_seed(0)
-    for values in (torch.randn(4096).abs().to(dtype), torch.randint(0, 3, (999,)).to(dtype), torch.tensor([1e-300, 0.0, 5e-324]).to(dtype)):
-        check_all_k(values)
+    for values in (torch.randn(4096).abs(), torch.randint(0, 3, (999,)), torch.tensor([1e-300, 0.0, 5e-324], dtype=torch.float64)):
+        check_all_k(values.to(dtype))
 
 
 def test_negative_zero_is_zero():
@@ -60,7 +60,7 @@ def test_negative_zero_is_zero():
     assert topk_mask(values, 2).tolist() == [True, True, True, True]
 
 
-@pytest.mark.parametrize("shortcut", ["hit", "miss", "band too big"])
+@pytest.mark.parametrize("shortcut", ["hit", "miss", "band too big", "tie block", "signed zeros"])
 def test_sample_shortcut_and_its_fallback(monkeypatch, shortcut):
     """The sampled bracket must never change the answer, whether it holds the k-th or not."""
     torch.manual_seed(1)
@@ -73,6 +73,11 @@ def test_sample_shortcut_and_its_fallback(monkeypatch, shortcut):
         values[:: n // (1 << 8)] = 100.0
     if shortcut == "band too big":
         monkeypatch.setattr(select, "_MAX_BAND", 10)
+    if shortcut == "tie block":  # the bracket collapses to one value: counted, not gathered
+        values[torch.rand(n) < 0.9] = 0.75
+    if shortcut == "signed zeros":
+        values[torch.rand(n) < 0.6] = 0.0
+        values[torch.rand(n) < 0.3] = -0.0
     for k in (1, 7, n // 10, n // 2, n - 3, n):
         assert kth_largest(values, k) == sorted_kth(values, k)
 
@@ -160,6 +165,21 @@ def test_global_threshold_errors():
         global_threshold(lambda: [torch.ones(3)], 0)
     with pytest.raises(ValueError, match="NaN"):
         global_threshold([torch.ones(3), torch.tensor([math.nan])], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_torch_array_path_on_cpu(monkeypatch, dtype):
+    """The torch-tensor path (the one CUDA takes) gives the same answers, run here on CPU."""
+    torch.manual_seed(5)
+    monkeypatch.setattr(select, "_NUMPY_DEVICES", ())
+    monkeypatch.setattr(select, "_SAMPLE_MIN_N", 1 << 10)
+    monkeypatch.setattr(select, "_GPU_CHUNK", 1 << 12)
+    values = torch.randn(1 << 14).abs().to(dtype)
+    values[::7] = 0.5
+    values[::11] = -0.0
+    check_all_k(values)
+    parts = [values[:1000].neg(), values[1000:]]
+    assert global_threshold(parts, 3000) == kth_largest(values.float(), 3000)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
