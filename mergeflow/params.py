@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -167,4 +168,7 @@ def validate(data: dict[str, Any], source: str = "params") -> Params:
             msg = "unknown key"
         elif "input" in err and err["type"] not in ("value_error",):
             msg = f"{msg} (got {err['input']!r})"
-        raise MergeflowError(f"{source}: {loc}: {' '.join(msg.split())}") from None
+        msg = " ".join(msg.split())
+        if err["type"] == "value_error" and re.match(r"^[\w\[\]]+(\.[\w\[\]]+)*: ", msg):
+            raise MergeflowError(f"{source}: {loc}.{msg}") from None  # a validator naming a key inside loc
+        raise MergeflowError(f"{source}: {loc}: {msg}") from None

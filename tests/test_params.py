@@ -27,7 +27,7 @@ def test_repository_params_are_valid():
 @pytest.mark.parametrize(
     "data, where",
     [
-        ({"merge": {"methods": ["task_arithmetic"], "task_arithmetic": {"scalling": 1}}}, "merge: task_arithmetic.scalling: unknown"),
+        ({"merge": {"methods": ["task_arithmetic"], "task_arithmetic": {"scalling": 1}}}, "merge.task_arithmetic.scalling: unknown"),
         ({"compress": {"drop": 1.5}}, "compress.drop"),
         ({"compress": {"dorp": 0.5}}, "compress.dorp: unknown key"),
         ({"bogus": 1}, "bogus: unknown key"),
@@ -63,3 +63,35 @@ def test_bad_yaml(tmp_path):
     path.write_text("a: [1,\n")
     with pytest.raises(MergeflowError, match="not valid YAML"):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "merge.methods=[ties_x]"], "merge.methods[0]: unknown method 'ties_x'"),
+        (["--set", "compress.drop=2"], "compress.drop"),
+        (["--set", "evaluate.nope=1"], "evaluate.nope: unknown key"),
+    ],
+)
+def test_run_refuses_bad_params_before_any_work(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    path = write(tmp_path, {})
+    before = path.read_text()
+    res = CliRunner().invoke(app, ["run", "--params", str(path), *args])
+    assert res.exit_code != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert path.read_text() == before  # the params file is not touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no work done, nothing written
+
+
+def test_run_missing_params_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--params", str(tmp_path / "missing.yaml")])
+    assert res.exit_code != 0 and "params file not found" in res.stderr
