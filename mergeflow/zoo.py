@@ -1,0 +1,382 @@
+"""The built-in offline model zoo (``zoo://digits``).
+
+Built deterministically from a seed out of scikit-learn's digits (1797 8x8 images shipped with
+the pip package, no network): a small vision transformer in Hugging Face CLIP-vision form
+(``CLIPVisionModelWithProjection``), "pre-trained" once on the plain digits with a temporary
+head that is then discarded, and fine-tuned into one expert per task.
+
+Tasks (``TASKS``) are the digits under a fixed transform, two of them with a label map too:
+rot90, rot180, hflip (mirror), invert (1 - x), shuffle (a fixed permutation of the 2x2 patches),
+roll (cyclic translation by half the height and a quarter of the width), parity (transposed
+digit -> even/odd), mod3 (upside-down digit -> value mod 3). The transforms are the same for
+every seed; the seed drives the split, the initialisation and the data order.
+
+Each task has its own FROZEN head, as CLIP's zero-shot text heads are: the class means of the
+*base* model's L2-normalised image embeddings on the task's train split, centred (minus their
+mean) and L2-normalised; logits = logit_scale * normalize(image_embeds) @ head.T. Fine-tuning
+trains the whole vision tower (embeddings, encoder, ``visual_projection``), never the head, with
+AdamW, cosine schedule and a lower learning rate on the embeddings (``finetune_embed_lr_scale``,
+the usual layer-wise lr decay of ViT fine-tuning, taken to the embeddings only).
+
+Layout written under ``root``::
+
+    checkpoints/base/{config.json, model.safetensors}
+    checkpoints/<task>/{config.json, model.safetensors}
+    heads/<task>.safetensors            # "weight" [n_classes, projection_dim], metadata logit_scale/task/classes
+    data/<task>/{train,test}.parquet    # "pixel_values" (flattened float32), "label" (int64), "index" (digit row)
+    data/<task>/meta.json               # image shape [C, H, W], classes, sizes
+
+Every file is written under a temporary name and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mergeflow.errors import MergeflowError
+from mergeflow.io.atomic import atomic_dir, atomic_file, write_json
+
+SOURCE = "zoo://digits"
+
+TASKS: tuple[str, ...] = ("rot90", "rot180", "hflip", "invert", "shuffle", "roll", "parity", "mod3")
+
+N_DIGITS = 1797
+_DIGITS = [str(i) for i in range(10)]
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """Everything that shapes the zoo; the defaults are the default zoo (about 80 s on 2 cores)."""
+
+    n_tasks: int = 8  # the first n_tasks of TASKS
+    # data
+    max_samples: int | None = None  # None: all 1797 digits; fewer for tiny test zoos
+    test_fraction: float = 0.25
+    # model (CLIPVisionConfig)
+    image_size: int = 8  # 8, or a multiple of 8 (nearest upsampling)
+    patch_size: int = 2
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 256
+    projection_dim: int = 32
+    # pre-training: plain digits, temporary cosine head
+    pretrain_epochs: int = 20
+    pretrain_lr: float = 1e-3
+    pretrain_weight_decay: float = 0.01
+    # fine-tuning: whole vision tower, frozen per-task head
+    finetune_epochs: int = 15
+    finetune_lr: float = 1e-3
+    finetune_weight_decay: float = 0.0
+    finetune_embed_lr_scale: float = 0.1  # lr multiplier of the patch/position/class embeddings
+    batch_size: int = 64
+    logit_scale: float = 20.0
+    center_heads: bool = True
+
+    def tasks(self) -> tuple[str, ...]:
+        if not 1 <= self.n_tasks <= len(TASKS):
+            raise MergeflowError(f"ZooSpec.n_tasks: {self.n_tasks} is outside [1, {len(TASKS)}]")
+        return TASKS[: self.n_tasks]
+
+
+# ----------------------------------------------------------------------------- data
+
+def _block_permutation(n: int) -> torch.Tensor:
+    """A fixed permutation of n blocks moving every block, the same for every seed."""
+    g = torch.Generator().manual_seed(20250607)
+    perm = torch.randperm(n, generator=g)
+    while bool((perm == torch.arange(n)).any()):
+        perm = torch.randperm(n, generator=g)
+    return perm
+
+
+def _shuffle_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    gh, gw = h // block, w // block
+    blocks = x.reshape(n, c, gh, block, gw, block).permute(0, 1, 2, 4, 3, 5).reshape(n, c, gh * gw, block, block)
+    blocks = blocks[:, :, _block_permutation(gh * gw)]
+    return blocks.reshape(n, c, gh, gw, block, block).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
+
+
+def task_transform(task: str, x: torch.Tensor, y: torch.Tensor, patch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Apply task ``task`` to images ``x`` [N, C, H, W] in [0, 1] and digit labels ``y``.
+
+    Returns (pixel_values, labels, class names). ``"plain"`` is the pre-training task."""
+    hw = (-2, -1)
+    if task == "plain":
+        return x, y, list(_DIGITS)
+    if task == "rot90":
+        return torch.rot90(x, 1, hw), y, list(_DIGITS)
+    if task == "rot180":
+        return torch.rot90(x, 2, hw), y, list(_DIGITS)
+    if task == "hflip":
+        return torch.flip(x, (-1,)), y, list(_DIGITS)
+    if task == "invert":
+        return 1.0 - x, y, list(_DIGITS)
+    if task == "shuffle":  # a fixed permutation of the patches (blocks of patch_size, at least 2x2)
+        return _shuffle_blocks(x, max(patch_size, x.shape[-1] // 4)), y, list(_DIGITS)
+    if task == "roll":  # cyclic translation by half the height and a quarter of the width
+        return torch.roll(x, (x.shape[-2] // 2, x.shape[-1] // 4), hw), y, list(_DIGITS)
+    if task == "parity":  # transposed digit -> even / odd
+        return x.transpose(-2, -1), y % 2, ["even", "odd"]
+    if task == "mod3":  # upside-down digit -> value mod 3
+        return torch.flip(x, (-2,)), y % 3, ["0 mod 3", "1 mod 3", "2 mod 3"]
+    raise MergeflowError(f"zoo: unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
+def split_indices(seed: int, spec: ZooSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, test): sorted, disjoint row indices into scikit-learn's digits, fixed by the seed.
+
+    One split for all tasks (and for the pre-training, which sees the train part only)."""
+    if not 0 < spec.test_fraction < 1:
+        raise MergeflowError(f"ZooSpec.test_fraction: {spec.test_fraction} is outside (0, 1)")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    order = torch.randperm(N_DIGITS, generator=g)
+    if spec.max_samples is not None:
+        if spec.max_samples < 20:
+            raise MergeflowError(f"ZooSpec.max_samples: {spec.max_samples} is below 20")
+        order = order[: spec.max_samples]
+    n_test = max(1, int(round(len(order) * spec.test_fraction)))
+    if n_test >= len(order):
+        raise MergeflowError(f"ZooSpec.test_fraction: {spec.test_fraction} leaves no training digits")
+    return order[n_test:].sort().values, order[:n_test].sort().values
+
+
+def _digits(spec: ZooSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    if spec.image_size != 8:
+        if spec.image_size % 8:
+            raise MergeflowError(f"ZooSpec.image_size: {spec.image_size} is not a multiple of 8")
+        x = torch.nn.functional.interpolate(x, size=(spec.image_size, spec.image_size), mode="nearest")
+    return x, y
+
+
+def load_digits_split(seed: int, spec: ZooSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): the plain digits in [0, 1] as [N, 1, S, S], split by the seed."""
+    x, y = _digits(spec)
+    train, test = split_indices(seed, spec)
+    return x[train], y[train], x[test], y[test]
+
+
+# ----------------------------------------------------------------------------- model
+
+def make_config(spec: ZooSpec):
+    from transformers import CLIPVisionConfig
+
+    if spec.image_size % spec.patch_size or spec.hidden_size % spec.num_heads:
+        raise MergeflowError(
+            f"ZooSpec: image_size {spec.image_size} / patch_size {spec.patch_size} or "
+            f"hidden_size {spec.hidden_size} / num_heads {spec.num_heads} don't divide"
+        )
+    config = CLIPVisionConfig(
+        num_channels=1,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size,
+        projection_dim=spec.projection_dim,
+        attention_dropout=0.0,
+    )
+    config.architectures = ["CLIPVisionModelWithProjection"]
+    return config
+
+
+def _new_model(spec: ZooSpec, seed: int):
+    from transformers import CLIPVisionModelWithProjection
+
+    config = make_config(spec)
+    config._attn_implementation = "eager"  # deterministic, and the fastest on CPU at this size
+    torch.manual_seed(seed)
+    return CLIPVisionModelWithProjection(config)
+
+
+def _make_head(means: torch.Tensor, center: bool) -> torch.Tensor:
+    """L2-normalised rows: the class means of normalised embeddings, optionally centred first
+    (minus their mean, so that the direction all classes share doesn't crowd them together)."""
+    protos = torch.nn.functional.normalize(means, dim=-1)
+    if center and len(protos) > 1:
+        protos = protos - protos.mean(0, keepdim=True)
+    return torch.nn.functional.normalize(protos, dim=-1)
+
+
+def _embed(model, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    out = [model(pixel_values=x[i : i + batch_size]).image_embeds for i in range(0, len(x), batch_size)]
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
+def _cosine_logits(emb: torch.Tensor, head: torch.Tensor, scale: float) -> torch.Tensor:
+    return scale * torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(head, dim=-1).T
+
+
+def _train(model, head, params, x, y, transform, *, epochs, lr, weight_decay, batch_size, scale, gen,
+           embed_lr_scale=1.0) -> None:
+    """AdamW with a short warm-up and cosine decay, batches shuffled by ``gen``.
+
+    ``x``/``y`` are the plain digits, put through the task's ``transform`` batch by batch;
+    logits are ``scale`` * cosine to the rows of ``head``."""
+    embed = {id(p) for n, p in model.named_parameters() if ".embeddings." in n}
+    groups = [
+        {"params": [p for p in params if id(p) in embed], "lr": lr * embed_lr_scale},
+        {"params": [p for p in params if id(p) not in embed], "lr": lr},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, foreach=True)
+    total = max(1, epochs * math.ceil(len(y) / batch_size))
+    warmup = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), batch_size):
+            idx = perm[i : i + batch_size]
+            xb, yb = transform(x[idx], y[idx])
+            loss = torch.nn.functional.cross_entropy(_cosine_logits(model(pixel_values=xb).image_embeds, head, scale), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+
+
+@torch.no_grad()
+def _accuracy(model, head: torch.Tensor, scale: float, x: torch.Tensor, y: torch.Tensor) -> float:
+    pred = (scale * _embed(model, x) @ head.T).argmax(-1)
+    return float((pred == y).float().mean())
+
+
+# ----------------------------------------------------------------------------- writers
+
+def _save_checkpoint(model, path: Path) -> None:
+    """Hugging Face layout (config.json + model.safetensors), written into a temp dir then renamed."""
+    from safetensors.torch import save_file
+
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.architectures = [model.__class__.__name__]
+    state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_dir(path) as tmp:
+        config.to_json_file(str(tmp / "config.json"))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _save_head(path: Path, head: torch.Tensor, scale: float, task: str, classes: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    meta = {"logit_scale": repr(float(scale)), "task": task, "classes": json.dumps(classes)}
+    with atomic_file(path) as tmp:
+        save_file({"weight": head.detach().to(torch.float32).contiguous()}, str(tmp), metadata=meta)
+
+
+def _save_split(path: Path, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:
+    from datasets import Dataset, Features, List, Value
+    from datasets.utils import logging as ds_logging
+
+    features = Features({"pixel_values": List(Value("float32")), "label": Value("int64"), "index": Value("int64")})
+    ds = Dataset.from_dict(
+        {"pixel_values": x.reshape(len(x), -1).numpy(), "label": y.numpy(), "index": index.numpy()}, features=features
+    )
+    bars = ds_logging.is_progress_bar_enabled()
+    if bars:
+        ds_logging.disable_progress_bar()
+    try:
+        with atomic_file(path) as tmp:
+            ds.to_parquet(str(tmp))
+    finally:
+        if bars:
+            ds_logging.enable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- build
+
+def build_zoo(
+    root: Path,
+    seed: int = 0,
+    spec: ZooSpec = ZooSpec(),
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Build the zoo under ``root`` (see the module docstring) and return its manifest.
+
+    Deterministic: the same seed and spec give bitwise identical files on one machine. The
+    global torch RNG state is saved and restored around the build."""
+    root = Path(root)
+    tasks = spec.tasks()
+    say = progress or (lambda msg: None)
+    t_start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        x_all, y_all = _digits(spec)
+        i_tr, i_te = split_indices(seed, spec)
+        x_tr, y_tr, x_te, y_te = x_all[i_tr], y_all[i_tr], x_all[i_te], y_all[i_te]
+
+        say(f"pretrain: {len(y_tr)} plain digits, {spec.pretrain_epochs} epochs")
+        model = _new_model(spec, seed)
+        torch.manual_seed(seed + 1)
+        tmp_head = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(10, spec.projection_dim), dim=-1))
+        _train(model, tmp_head, list(model.parameters()) + [tmp_head], x_tr, y_tr, lambda a, b: (a, b),
+               epochs=spec.pretrain_epochs, lr=spec.pretrain_lr, weight_decay=spec.pretrain_weight_decay,
+               batch_size=spec.batch_size, scale=spec.logit_scale, gen=torch.Generator().manual_seed(seed * 1000 + 1))
+        plain_acc = _accuracy(model, torch.nn.functional.normalize(tmp_head.detach(), dim=-1), spec.logit_scale, x_te, y_te)
+        del tmp_head
+        _save_checkpoint(model, root / "checkpoints" / "base")
+        base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        metrics: dict[str, dict[str, float]] = {}
+        classes_of: dict[str, list[str]] = {}
+        for t_index, task in enumerate(tasks):
+            xt, yt, classes = task_transform(task, x_tr, y_tr, spec.patch_size)
+            xe, ye, _ = task_transform(task, x_te, y_te, spec.patch_size)
+            classes_of[task] = classes
+            data_dir = root / "data" / task
+            _save_split(data_dir / "train.parquet", xt, yt, i_tr)
+            _save_split(data_dir / "test.parquet", xe, ye, i_te)
+            write_json(data_dir / "meta.json", {
+                "task": task, "shape": list(xt.shape[1:]), "classes": classes,
+                "n_train": len(yt), "n_test": len(ye), "seed": seed,
+            })
+
+            # the frozen head: centred class means of the base embeddings on the train split
+            model.load_state_dict(base_state)
+            model.eval()
+            with torch.no_grad():
+                emb = _embed(model, xt)
+                head = _make_head(torch.stack([emb[yt == c].mean(0) for c in range(len(classes))]), spec.center_heads)
+            _save_head(root / "heads" / f"{task}.safetensors", head, spec.logit_scale, task, classes)
+            base_acc = _accuracy(model, head, spec.logit_scale, xe, ye)
+
+            say(f"expert {t_index + 1}/{len(tasks)}: {task}, {spec.finetune_epochs} epochs")
+            torch.manual_seed(seed * 1000 + 100 + t_index)
+            _train(model, head, list(model.parameters()), x_tr, y_tr,
+                   lambda a, b, task=task: task_transform(task, a, b, spec.patch_size)[:2],
+                   epochs=spec.finetune_epochs, lr=spec.finetune_lr, weight_decay=spec.finetune_weight_decay,
+                   batch_size=spec.batch_size, scale=spec.logit_scale,
+                   gen=torch.Generator().manual_seed(seed * 1000 + 100 + t_index),
+                   embed_lr_scale=spec.finetune_embed_lr_scale)
+            metrics[task] = {"base": base_acc, "expert": _accuracy(model, head, spec.logit_scale, xe, ye)}
+            _save_checkpoint(model, root / "checkpoints" / task)
+
+    say(f"zoo built in {time.perf_counter() - t_start:.1f}s")
+    return {
+        "source": SOURCE,
+        "seed": seed,
+        "spec": asdict(spec),
+        "tasks": list(tasks),
+        "base": "checkpoints/base",
+        "experts": {t: f"checkpoints/{t}" for t in tasks},
+        "heads": {t: f"heads/{t}.safetensors" for t in tasks},
+        "data": {t: f"data/{t}" for t in tasks},
+        "classes": classes_of,
+        "sizes": {"train": len(i_tr), "test": len(i_te)},
+        "pretrain_accuracy": plain_acc,  # plain digits, test split, temporary head
+        "accuracy": metrics,  # test accuracy at build time: base tower + head, expert + head
+    }
