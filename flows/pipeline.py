@@ -20,7 +20,7 @@ from tasks.version import dvc_commit, git_commit  # noqa: E402
 WORKERS = max(1, min(2, os.cpu_count() or 1))  # the default thread runner is unbounded: cap it
 
 
-@flow(name="mergeflow-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
+@flow(name="mergeflow-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS))
 def pipeline(p: Params, root: str, track: bool = True) -> dict:
     """Run every stage (each skipped when its inputs are unchanged), commit to DVC, log to MLflow."""
     log = get_run_logger()

@@ -272,11 +272,23 @@ def _save_checkpoint(model, path: Path) -> None:
 
 
 def _save_head(path: Path, head: torch.Tensor, scale: float, task: str, classes: list[str]) -> None:
-    from safetensors.torch import save_file
+    """A safetensors file with the one tensor "weight" (float32) and the metadata
+    logit_scale / task / classes, written by hand so that the header's key order, and hence
+    the file, is the same on every build (safetensors' own writer orders metadata at random)."""
+    import struct
 
-    meta = {"logit_scale": repr(float(scale)), "task": task, "classes": json.dumps(classes)}
+    import numpy as np
+
+    weight = head.detach().to(torch.float32).contiguous().numpy().astype("<f4")
+    data = weight.tobytes()
+    meta = {"classes": json.dumps(classes), "logit_scale": repr(float(scale)), "task": task}
+    header = {"__metadata__": meta,
+              "weight": {"dtype": "F32", "shape": list(weight.shape), "data_offsets": [0, len(data)]}}
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * (-len(raw) % 8)
+    assert np.frombuffer(data, dtype="<f4").size == weight.size
     with atomic_file(path) as tmp:
-        save_file({"weight": head.detach().to(torch.float32).contiguous()}, str(tmp), metadata=meta)
+        tmp.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
 def _save_split(path: Path, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> None:

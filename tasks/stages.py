@@ -11,7 +11,7 @@ from mergeflow.params import Params
 from tasks import cache
 
 
-@task(name="stage", task_run_name="{stage}", cache_policy=None, log_prints=True)
+@task(name="stage", task_run_name="{stage}", cache_policy=None)
 def run_stage(stage: str, p: Params, root: Path, code: str) -> dict:
     """Run one stage unless its inputs and outputs are unchanged since its last run.
 

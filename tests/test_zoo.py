@@ -13,8 +13,6 @@ from mergeflow.errors import MergeflowError
 from mergeflow.models import vision
 from mergeflow.zoo import TASKS, ZooSpec, build_zoo
 
-torch.set_num_threads(2)
-
 TINY = ZooSpec(
     n_tasks=2,
     max_samples=400,
@@ -23,11 +21,22 @@ TINY = ZooSpec(
     num_heads=2,
     intermediate_size=64,
     projection_dim=16,
-    pretrain_epochs=6,
+    pretrain_epochs=10,
     pretrain_lr=3e-3,
-    finetune_epochs=6,
+    finetune_epochs=8,
     finetune_lr=3e-3,
+    finetune_embed_lr_scale=1.0,
+    batch_size=32,
 )
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """A tiny model gains nothing from threads, and threads spin badly on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _tensors(root: Path, name: str) -> dict[str, torch.Tensor]:
@@ -36,9 +45,14 @@ def _tensors(root: Path, name: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("zoo")
-    messages: list[str] = []
-    manifest = build_zoo(root, seed=0, spec=TINY, progress=messages.append)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = tmp_path_factory.mktemp("zoo")
+        messages: list[str] = []
+        manifest = build_zoo(root, seed=0, spec=TINY, progress=messages.append)
+    finally:
+        torch.set_num_threads(before)
     return root, manifest, messages
 
 
