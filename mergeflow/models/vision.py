@@ -41,7 +41,9 @@ def build_model(config, state_dict: dict[str, torch.Tensor], device="cpu") -> to
     """``CLIPVisionModelWithProjection`` in eval mode holding exactly ``state_dict``.
 
     Strict: a missing or unexpected tensor name, or a shape that doesn't fit the config, raises
-    MergeflowError naming the tensor. Tensors keep their dtype."""
+    MergeflowError naming the tensor. Tensors keep their dtype, and on their own device they are
+    used as they are (no copy): the model shares memory with ``state_dict``. The model is built
+    on the meta device first, so no time goes into a random initialisation."""
     from transformers import CLIPVisionModelWithProjection
 
     config = _copy_config(config)
