@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DVC_NO_ANALYTICS := 1
+export OMP_WAIT_POLICY := PASSIVE  # 2 torch threads beside another busy process otherwise spin (measured 14x slower)
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
 .PHONY: run test repro setup clean
