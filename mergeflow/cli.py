@@ -111,10 +111,11 @@ def _write_switches(base_ckpt, sources, drop: float, out: Path) -> None:
     from mergeflow.io.atomic import atomic_dir
     from mergeflow.methods.tswitch import compress
 
+    from mergeflow.vectors import iter_task_vector
+
     with atomic_dir(out) as tmp:
         for i, src in enumerate(sources):
-            names = [n for n in base_ckpt.names() if base_ckpt.get(n).is_floating_point()]
-            sw = compress(((n, src.tau(n, base_ckpt.get(n).device)) for n in names), drop, metadata={"model": str(src.ref.path)})
+            sw = compress(iter_task_vector(base_ckpt, src.ref), drop, metadata={"model": str(src.ref.path)})
             st = save_switch(tmp / f"task_{i}.switch.safetensors", sw)
             typer.echo(f"task_{i}: {st.bits_per_param:.3f} bits/param, {st.file_bytes:,} bytes")
     typer.echo(f"wrote {out}")

@@ -9,11 +9,6 @@ import torch
 from mergeflow.io.checkpoint import Checkpoint, check_compatible, check_finite, save_tensors
 
 
-def float_names(ckpt: Checkpoint) -> list[str]:
-    """Names of the floating-point tensors (integer buffers such as position ids are not weights)."""
-    return [n for n in ckpt.names() if ckpt.get(n).is_floating_point()]
-
-
 def iter_task_vector(base: Checkpoint, model: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, theta_t - theta_0) in float32 for every floating tensor of the base."""
     check_compatible(base, model)
@@ -32,7 +27,3 @@ def extract_task_vector(base: Checkpoint, model: Checkpoint, out: str | Path, me
     tau = dict(iter_task_vector(base, model))
     save_tensors(out, tau, metadata={"kind": "task_vector", "base": str(base.path), "model": str(model.path), **(metadata or {})})
     return sum(t.numel() for t in tau.values())
-
-
-def load_task_vector(path: str | Path) -> Checkpoint:
-    return Checkpoint(path)
