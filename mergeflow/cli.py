@@ -72,10 +72,9 @@ def merge_cmd(
 
     def go():
         from mergeflow import methods
-        from mergeflow.io.atomic import atomic_dir
-        from mergeflow.io.checkpoint import DTYPES, Checkpoint, write_checkpoint
+        from mergeflow.io.checkpoint import DTYPES, Checkpoint
         from mergeflow.io.sources import resolve_ref
-        from mergeflow.merge import TaskVectors, merge, resolve_device
+        from mergeflow.merge import TaskVectors, merge_to_disk, resolve_device
 
         m = methods.get(method)
         sets = parse_sets(set_)
@@ -93,14 +92,8 @@ def merge_cmd(
             return _write_switches(base_ckpt, sources, hp["drop"], out)
         bar, update = progress_bar(f"{method}")
         with bar:
-            outs = merge(m, base_ckpt, sources, hp, dev, progress=update)
-        dtype = DTYPES[out_dtype] if out_dtype else None
-        if not m.dynamic:
-            write_checkpoint(out, outs[0], like=base_ckpt, dtype=dtype)
-        else:
-            with atomic_dir(out) as tmp:
-                for i, sd in enumerate(outs):
-                    write_checkpoint(tmp / f"task_{i}", sd, like=base_ckpt, dtype=dtype)
+            merge_to_disk(m, base_ckpt, sources, hp, out, dev, dtype=DTYPES[out_dtype] if out_dtype else None,
+                          progress=update, metadata={"base": base})
         typer.echo(f"wrote {out}")
 
     guarded(go)

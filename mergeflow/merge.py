@@ -1,16 +1,28 @@
-"""The merge engine: streams the base and the task vectors tensor by tensor through a method."""
+"""The merge engine: streams the base and the task vectors tensor by tensor through a method.
+
+One tensor at a time: the base's tensor and every model's tensor are read (the next
+tensor's reads overlap the current one's arithmetic on a background thread), turned into
+float32 task vectors on the working device, handed to the method, and the result goes
+straight to its sink: a streaming checkpoint writer (``merge_to_disk``) or a dict
+(``merge``). Peak memory is about (models + method temporaries) x the largest tensor, never
+the model size. A method with a ``prepare`` step (a model-wide threshold, EMR's rescalers)
+gets extra read-only passes over the inputs before the writing pass.
+"""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.io.checkpoint import Checkpoint, check_compatible, check_finite, write_checkpoint
+from mergeflow.io.checkpoint import Checkpoint, check_compatible, check_finite
+from mergeflow.io.writer import CheckpointWriter
 from mergeflow.methods import Method
 
 Progress = Callable[[int, int, str], None]
+Sink = Callable[[str, list[torch.Tensor]], None]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -28,7 +40,12 @@ class TaskVectors:
 
     def __init__(self, base: Checkpoint, ref: Checkpoint, is_vector: bool):
         self.base, self.ref, self.is_vector = base, ref, is_vector
-        if not is_vector:
+        if is_vector:
+            floating = [n for n in base.names() if _is_floating(base, n)]
+            missing = [n for n in floating if n not in ref]
+            if missing:
+                raise MergeflowError(f"{ref.path}: tensor {missing[0]} of the base has no task vector")
+        else:
             check_compatible(base, ref)
 
     @classmethod
@@ -36,57 +53,190 @@ class TaskVectors:
         return cls(base, Checkpoint(path), True)
 
     @classmethod
-    def from_model(cls, base: Checkpoint, path: str | Path) -> "TaskVectors":
-        return cls(base, Checkpoint(path), False)
+    def from_model(cls, base: Checkpoint, path: str | Path | Checkpoint) -> "TaskVectors":
+        return cls(base, Checkpoint(path) if isinstance(path, (str, Path)) else path, False)
+
+    def fetch(self, name: str) -> torch.Tensor:
+        """The stored tensor (a task vector, or the fine-tuned weights), checked finite."""
+        t = self.ref.get(name)
+        check_finite(name, t, self.ref.path)
+        return t
+
+    def to_tau(self, raw: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+        """float32 tau on theta0's device, from what ``fetch`` returned."""
+        t = raw.to(device=theta0.device, dtype=torch.float32, non_blocking=True)
+        return t if self.is_vector else t.sub_(theta0) if t.data_ptr() != raw.data_ptr() else t - theta0
 
     def tau(self, name: str, device: torch.device) -> torch.Tensor:
-        if self.is_vector:
-            if name not in self.ref:
-                raise MergeflowError(f"{self.ref.path}: tensor {name} of the base has no task vector")
-            return self.ref.get(name).to(device=device, dtype=torch.float32)
-        theta = self.ref.get(name)
-        check_finite(name, theta, self.ref.path)
-        return theta.to(device=device, dtype=torch.float32) - self.base.get(name).to(device=device, dtype=torch.float32)
+        theta0 = self.base.get(name).to(device=device, dtype=torch.float32)
+        return self.to_tau(self.fetch(name), theta0)
 
 
-def merge(
-    method: Method,
-    base: Checkpoint,
-    sources: Sequence[TaskVectors],
-    hp: dict[str, Any],
-    device: torch.device = torch.device("cpu"),
-    progress: Progress | None = None,
-) -> list[dict[str, torch.Tensor]]:
-    """Run ``method`` over every tensor of the base; returns one state dict (static) or one per task.
+def _is_floating(ckpt: Checkpoint, name: str) -> bool:
+    from mergeflow.io.writer import tensor_dtype
 
-    Tensors come back on the CPU in float32; non-floating tensors are copied from the base.
-    """
+    return tensor_dtype(ckpt, name).is_floating_point
+
+
+def _load(base: Checkpoint, sources: Sequence[TaskVectors], name: str):
+    theta0 = base.get(name)
+    if not theta0.is_floating_point():
+        return theta0, None
+    check_finite(name, theta0, base.path)
+    return theta0, [src.fetch(name) for src in sources]
+
+
+def _prefetched(base: Checkpoint, sources: Sequence[TaskVectors], names: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """(name, loaded inputs) in order, reading tensor i+1 on a thread while i is processed."""
+    if not names:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-read") as pool:
+        nxt = pool.submit(_load, base, sources, names[0])
+        for i, name in enumerate(names):
+            loaded = nxt.result()
+            if i + 1 < len(names):
+                nxt = pool.submit(_load, base, sources, names[i + 1])
+            yield name, loaded
+
+
+def _float32(theta0: torch.Tensor, device: torch.device) -> torch.Tensor:
+    b = theta0.to(device=device, dtype=torch.float32)
+    return b.clone() if b.data_ptr() == theta0.data_ptr() else b
+
+
+def run(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Mapping[str, Any], sink: Sink,
+        device: torch.device = torch.device("cpu"), progress: Progress | None = None) -> None:
+    """Merge every tensor of the base; ``sink(name, tensors)`` receives the merged weights
+    (one tensor for a static method, one per task for a dynamic one), float32 for floating
+    tensors (on ``device``), the base's own tensor otherwise."""
     if not sources:
         raise MergeflowError("merge: at least one fine-tuned model is needed")
     n_out = len(sources) if method.dynamic else 1
-    outs: list[dict[str, torch.Tensor]] = [{} for _ in range(n_out)]
     names = base.names()
-    for i, name in enumerate(names):
-        theta0 = base.get(name)
-        if not theta0.is_floating_point():
-            for out in outs:
-                out[name] = theta0
-            continue
-        check_finite(name, theta0, base.path)
-        b = theta0.to(device=device, dtype=torch.float32)
-        taus = [src.tau(name, device) for src in sources]
-        result = method(name, b, taus, **hp)
-        deltas = result if method.dynamic else [result]
-        for out, d in zip(outs, deltas):
-            out[name] = (b + d).cpu()
+    kwargs = dict(hp)
+    if method.prepare is not None:
+        floating = [n for n in names if _is_floating(base, n)]
+
+        def stream() -> Iterator[tuple[str, torch.Tensor, list[torch.Tensor]]]:
+            for name, (theta0, raws) in _prefetched(base, sources, floating):
+                b = _float32(theta0, device)
+                yield name, b, [src.to_tau(r, b) for src, r in zip(sources, raws)]
+
+        kwargs["ctx"] = method.prepare(stream, dict(hp))
+    for i, (name, (theta0, raws)) in enumerate(_prefetched(base, sources, names)):
+        if raws is None:
+            sink(name, [theta0] * n_out)
+        else:
+            b = _float32(theta0, device)
+            taus = [src.to_tau(r, b) for src, r in zip(sources, raws)]
+            del raws
+            result = method(name, b, taus, **kwargs)
+            del taus
+            deltas = result if method.dynamic else [result]
+            if len(deltas) != n_out:
+                raise MergeflowError(f"method {method.name} returned {len(deltas)} tensors for {name}, expected {n_out}")
+            sink(name, _add_base(deltas, b))
         if progress:
             progress(i + 1, len(names), name)
+
+
+def _add_base(deltas: Sequence[torch.Tensor], b: torch.Tensor) -> list[torch.Tensor]:
+    """theta_0 + delta for each delta, in place where a delta is a float32 tensor of its own."""
+    out, seen = [], {b.data_ptr()}
+    for d in deltas:
+        own = d.dtype == torch.float32 and d.device == b.device and d.shape == b.shape and d.data_ptr() not in seen
+        seen.add(d.data_ptr())
+        out.append(d.add_(b) if own else d + b)
+    return out
+
+
+def merge(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Mapping[str, Any],
+          device: torch.device = torch.device("cpu"), progress: Progress | None = None) -> list[dict[str, torch.Tensor]]:
+    """``run`` into memory: one state dict (static) or one per task (dynamic), on the CPU."""
+    outs: list[dict[str, torch.Tensor]] = [{} for _ in range(len(sources) if method.dynamic else 1)]
+
+    def sink(name: str, tensors: list[torch.Tensor]) -> None:
+        for out, t in zip(outs, tensors):
+            out[name] = t.cpu()
+
+    run(method, base, sources, hp, sink, device, progress)
     return outs
 
 
-def write_merged(outs: list[dict[str, torch.Tensor]], out_dir: str | Path, base: Checkpoint, dynamic: bool, dtype: torch.dtype | None = None) -> list[Path]:
-    """Static: ``out_dir`` is the checkpoint. Dynamic: ``out_dir/task_<i>/`` per task."""
+def merge_to_disk(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Mapping[str, Any],
+                  out_dir: str | Path, device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None,
+                  progress: Progress | None = None, metadata: Mapping[str, str] | None = None) -> list[Path]:
+    """``run`` into checkpoints laid out like the base, written as the tensors are made.
+
+    Static: ``out_dir`` is the checkpoint. Dynamic: ``out_dir/task_<i>/`` for the i-th source.
+    Floating tensors are written in ``dtype`` (default: the base tensor's dtype). Atomic: on
+    any error no ``out_dir`` is left behind (an existing one is kept unchanged).
+    """
+    from mergeflow.io.atomic import atomic_dir
+
     out_dir = Path(out_dir)
-    if not dynamic:
-        return [write_checkpoint(out_dir, outs[0], like=base, dtype=dtype)]
-    return [write_checkpoint(out_dir / f"task_{i}", sd, like=base, dtype=dtype) for i, sd in enumerate(outs)]
+    meta = {"mergeflow_method": method.name, **dict(metadata or {})}
+    if not method.dynamic:
+        with CheckpointWriter(out_dir, like=base, dtype=dtype, metadata=meta) as w:
+            run(method, base, sources, hp, lambda name, ts: w.write(name, ts[0]), device, progress)
+        return [out_dir]
+    with atomic_dir(out_dir) as tmp:
+        writers = [CheckpointWriter(tmp / f"task_{i}", like=base, dtype=dtype, metadata={**meta, "task_index": str(i)})
+                   for i in range(len(sources))]
+        entered: list[CheckpointWriter] = []
+        try:
+            for w in writers:
+                entered.append(w.__enter__())
+
+            def sink(name: str, tensors: list[torch.Tensor]) -> None:
+                for w, t in zip(writers, tensors):
+                    w.write(name, t)
+
+            run(method, base, sources, hp, sink, device, progress)
+        except BaseException as exc:
+            for w in reversed(entered):
+                w.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        for w in entered:
+            w.__exit__(None, None, None)
+    return [out_dir / f"task_{i}" for i in range(len(sources))]
+
+
+class MemoryCheckpoint:
+    """A state dict behind the read side of the Checkpoint interface (for notebooks and tests)."""
+
+    def __init__(self, state_dict: Mapping[str, torch.Tensor], path: str = "<memory>"):
+        self.path, self.config_path, self._sd = Path(path), None, dict(state_dict)
+
+    def names(self) -> list[str]:
+        return list(self._sd)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._sd
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._sd:
+            raise MergeflowError(f"{self.path}: tensor {name} not in checkpoint")
+        return self._sd[name]
+
+    def items(self, names=None):
+        for name in self.names() if names is None else names:
+            yield name, self.get(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.get(name).shape)
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        return self.get(name).dtype
+
+
+def merge_state_dicts(method: Method, base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
+                      hp: Mapping[str, Any] | None = None, device: str | torch.device = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Merge in-memory state dicts: ``hp`` overlays the method's defaults (checked).
+
+    Returns one merged state dict (static) or one per model (dynamic); floating tensors in float32.
+    """
+    hp = method.hyper(dict(hp or {}))
+    b = MemoryCheckpoint(base, "<base>")
+    sources = [TaskVectors.from_model(b, MemoryCheckpoint(m, f"<model {i}>")) for i, m in enumerate(models)]
+    return merge(method, b, sources, hp, torch.device(device) if isinstance(device, str) else device)

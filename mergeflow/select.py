@@ -28,7 +28,7 @@ found by one ``aminmax`` reduction.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -230,3 +230,43 @@ def global_threshold(tensors: Iterable[torch.Tensor] | Callable[[], Iterable[tor
                 yield c
 
     return torch.tensor(_radix(keys, k, 32), dtype=torch.int32).view(torch.float32)
+
+
+def global_thresholds(groups: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[int]) -> list[torch.Tensor]:
+    """``global_threshold`` for several tensor streams at once (e.g. one per task), sharing passes.
+
+    ``groups()`` yields, per step, one tensor per stream (a model's tensor for every task);
+    it is called once per histogram pass (two: float32 keys have two 16-bit digits). Returns
+    the exact ``ks[i]``-th largest |value| of stream i (float32, 0-dim); ``ks[i] == 0``
+    gives +inf (keep nothing). Raises ValueError for k out of range or NaN.
+    """
+    ks = [int(k) for k in ks]
+    if any(k < 0 for k in ks):
+        raise ValueError(f"k must be >= 0 (got {min(ks)})")
+    prefixes, ranks, totals = [0] * len(ks), list(ks), [0] * len(ks)
+    for shift in (_DIGIT, 0):
+        hists = [np.zeros(1 << _DIGIT, dtype=np.int64) for _ in ks]
+        for group in groups():
+            for i, t in enumerate(group):
+                if ks[i] == 0:
+                    continue
+                flat = t.detach().reshape(-1)
+                flat = flat if flat.dtype == torch.float32 else flat.float()
+                for c in _keys(flat, clear_sign=True)():
+                    if shift:
+                        if _count(c > _F32_INF):
+                            raise ValueError("tensors contain NaN: no magnitude threshold is defined")
+                        hists[i] += _bincount(c >> shift)
+                    else:
+                        hists[i] += _bincount(c[(c >> _DIGIT) == prefixes[i]] & 0xFFFF)
+        for i, k in enumerate(ks):
+            if k == 0:
+                continue
+            if shift:
+                totals[i] = int(hists[i].sum())
+                if k > totals[i]:
+                    raise ValueError(f"k={k} is out of range for {totals[i]} values (1 <= k <= numel)")
+            digit, ranks[i] = _pick(hists[i], ranks[i])
+            prefixes[i] = (prefixes[i] << _DIGIT) | digit
+    return [torch.tensor(float("inf")) if k == 0 else torch.tensor(p, dtype=torch.int32).view(torch.float32)
+            for k, p in zip(ks, prefixes)]

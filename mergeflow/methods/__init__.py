@@ -6,7 +6,16 @@ A method is a function over one tensor at a time (the engine streams the checkpo
     fn(name, base, taus, **hp) -> list[Tensor]      # dynamic: one task vector per task
 
 ``base`` is theta_0 and ``taus`` the task vectors tau_t of that tensor, in float32 on the
-working device; the engine adds the result to theta_0 and writes the base's dtype.
+working device; the engine adds the result to theta_0 and writes the base's dtype. ``name``
+is the tensor's name (methods seed per-tensor randomness with it, or skip tensors by it).
+
+A method that needs statistics over the whole model first (a global magnitude threshold,
+EMR's rescalers) also registers ``prepare(stream, hp) -> ctx``: ``stream()`` yields
+``(name, base, taus)`` for every floating tensor and may be called more than once (each
+call re-reads the inputs, one tensor at a time); ``fn`` then receives ``ctx=ctx``.
+``storage(n, n_tasks, itemsize) -> bytes`` gives what the method's compact form keeps
+besides the base for ``n`` floating parameters per model (default: one model for a static
+method, one per task for a dynamic one).
 """
 from __future__ import annotations
 
@@ -25,12 +34,21 @@ class Param:
     low: float | None = None
     high: float | None = None
     choices: tuple[Any, ...] | None = None
+    kind: type | tuple[type, ...] | None = None  # allowed type(s) when not type(default); a list holds numbers
 
     def check(self, value: Any, where: str) -> Any:
-        kind = type(self.default)
+        """``value`` validated (ints widened to float where a float is expected), or a one-line error."""
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind or type(self.default),)
+        if value is None and self.default is None:
+            return None
+        if isinstance(value, list) and list in kinds:
+            return [self._scalar(v, f"{where}[{i}]", float) for i, v in enumerate(value)]
+        return self._scalar(value, where, next(k for k in kinds if k is not list))
+
+    def _scalar(self, value: Any, where: str, kind: type) -> Any:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if self.default is not None and not isinstance(value, kind) or isinstance(value, bool) != isinstance(self.default, bool):
+        if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
             raise MergeflowError(f"{where}: expected {kind.__name__}, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise MergeflowError(f"{where}: {value!r} is not one of {', '.join(map(str, self.choices))}")
@@ -47,6 +65,13 @@ class Method:
     params: dict[str, Param]
     reference: str
     summary: str
+    prepare: Callable[..., Any] | None = None
+    storage: Callable[[int, int, int], int] | None = None
+
+    def storage_bytes(self, n: int, n_tasks: int, itemsize: int = 4) -> int:
+        if self.storage is not None:
+            return int(self.storage(n, n_tasks, itemsize))
+        return n * itemsize * (n_tasks if self.dynamic else 1)
 
     def hyper(self, given: dict[str, Any] | None = None, where: str = "") -> dict[str, Any]:
         """Defaults overlaid with ``given``, each checked; unknown names are an error naming the key."""
@@ -60,20 +85,23 @@ class Method:
             raise MergeflowError(f"{where}{key}: unknown hyper-parameter of {self.name} (known: {known})")
         return out
 
-    def __call__(self, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], **hp: Any):
-        return self.fn(name, base, taus, **hp)
+    def __call__(self, name: str, theta0: torch.Tensor, taus: Sequence[torch.Tensor], /, **hp: Any):
+        """One tensor; a method with ``prepare`` gets its context as ``ctx`` (see ``merge``)."""
+        return self.fn(name, theta0, taus, **hp)
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(name: str, *, dynamic: bool = False, params: dict[str, Param] | None = None, reference: str = "", summary: str = ""):
+def register(name: str, *, dynamic: bool = False, params: dict[str, Param] | None = None, reference: str = "",
+             summary: str = "", prepare: Callable[..., Any] | None = None, storage: Callable[[int, int, int], int] | None = None):
     """Decorator adding a per-tensor merge function to the registry under ``name``."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"method {name} registered twice")
-        _REGISTRY[name] = Method(name, fn, dynamic, dict(params or {}), reference, summary or (fn.__doc__ or "").strip().split("\n")[0])
+        summary_ = summary or (fn.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[name] = Method(name, fn, dynamic, dict(params or {}), reference, summary_, prepare, storage)
         return fn
 
     return wrap
@@ -91,4 +119,6 @@ def names() -> list[str]:
 
 
 # Importing the modules registers their methods.
-from mergeflow.methods import task_arithmetic, tswitch, weight_average  # noqa: E402,F401
+from mergeflow.methods import (  # noqa: E402,F401
+    breadcrumbs, dare, emr, task_arithmetic, tall_mask, ties, tswitch, weight_average,
+)

@@ -1,0 +1,190 @@
+"""Streaming checkpoint writer: tensors go to disk as they are produced, never held together.
+
+A safetensors file is an 8-byte header length, a JSON header naming every tensor's dtype,
+shape and byte range, then the data. All of that is known before the first tensor exists
+(the output has the base's names and shapes), so the writer lays out every file first and
+then writes each tensor at its offset the moment the engine hands it over: peak memory is
+one tensor, whatever the model's size. The output mirrors the base: one ``model.safetensors``
+or the base's shard files with a ``model.safetensors.index.json``, ``config.json`` copied.
+Everything is written inside a temporary directory renamed into place on success
+(``atomic_dir``): a failure leaves the old output or none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from mergeflow.errors import MergeflowError
+from mergeflow.io.atomic import atomic_dir
+from mergeflow.io.checkpoint import INDEX_NAME, WEIGHTS_NAME, Checkpoint
+
+ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _name):
+        ST_DTYPES[getattr(torch, _name)] = _code
+TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+COPIED_FILES = ("config.json", "generation_config.json")  # small files a loader needs beside the weights
+
+
+def tensor_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
+    """The stored dtype of one tensor of ``ckpt``, read from its header."""
+    if hasattr(ckpt, "tensor_dtype"):
+        return ckpt.tensor_dtype(name)
+    return TORCH_DTYPES[ckpt._slice_meta(name)[1]]
+
+
+def shard_layout(ckpt: Checkpoint) -> dict[str, list[str]]:
+    """Output file name -> tensor names, mirroring the checkpoint's shards (one file if unsharded)."""
+    files: dict[str, list[str]] = {}
+    sharded = ckpt.path.is_dir() and (ckpt.path / INDEX_NAME).exists()
+    for name in ckpt.names():
+        files.setdefault(ckpt._file(name).name if sharded else WEIGHTS_NAME, []).append(name)
+    return files
+
+
+class _File:
+    """One safetensors file being filled: header written up front, tensors at their offsets."""
+
+    def __init__(self, path: Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str]):
+        self.path, self.entries, self.offsets = path, entries, {}
+        header: dict = {"__metadata__": dict(metadata)}
+        pos = 0
+        for name, (dtype, shape) in entries.items():
+            size = _numel(shape) * _itemsize(dtype)
+            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size]}
+            self.offsets[name] = pos
+            pos += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+        self.data_start = 8 + len(raw)
+        self.size = self.data_start + pos
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(self.fd, len(raw).to_bytes(8, "little") + raw, 0)
+        os.ftruncate(self.fd, self.size)
+        self.pending = set(entries)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        dtype, shape = self.entries[name]
+        if tuple(tensor.shape) != shape:
+            raise MergeflowError(f"{self.path.name}: tensor {name} has shape {list(tensor.shape)}, expected {list(shape)}")
+        data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+        if data.numel():
+            _pwrite_all(self.fd, data.view(torch.uint8).numpy().data, self.data_start + self.offsets[name])
+        self.pending.discard(name)
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+class CheckpointWriter:
+    """Write a checkpoint laid out like ``like``, one tensor at a time, atomically.
+
+    Floating tensors are cast to ``dtype`` (default: each tensor keeps the base's dtype);
+    other tensors keep theirs. Use as a context manager; every tensor of the base must be
+    written before it closes::
+
+        with CheckpointWriter(out_dir, like=base) as w:
+            for name in base.names():
+                w.write(name, merged(name))
+    """
+
+    def __init__(self, out_dir: str | Path, like: Checkpoint, dtype: torch.dtype | None = None,
+                 metadata: Mapping[str, str] | None = None, copy_files: Iterable[str] = COPIED_FILES):
+        self.out_dir, self.like, self.dtype = Path(out_dir), like, dtype
+        self.metadata = {"format": "pt", **dict(metadata or {})}
+        self.copy_files = tuple(copy_files)
+        self._stack: ExitStack | None = None
+        self._files: dict[str, _File] = {}
+        self._file_of: dict[str, _File] = {}
+
+    def _out_dtype(self, name: str) -> torch.dtype:
+        dt = tensor_dtype(self.like, name)
+        return self.dtype if self.dtype is not None and dt.is_floating_point else dt
+
+    def __enter__(self) -> "CheckpointWriter":
+        self._stack = ExitStack()
+        tmp = self._stack.enter_context(atomic_dir(self.out_dir))
+        self.tmp = tmp
+        try:
+            for fname, names in shard_layout(self.like).items():
+                entries = {n: (self._out_dtype(n), tuple(self.like.shape(n))) for n in names}
+                f = _File(tmp / fname, entries, self.metadata)
+                self._files[fname] = f
+                self._file_of.update({n: f for n in names})
+        except BaseException:
+            self._abort()
+            raise
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        try:
+            f = self._file_of[name]
+        except KeyError:
+            raise MergeflowError(f"{self.out_dir}: tensor {name} is not in the base {self.like.path}") from None
+        f.write(name, tensor)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self._finish()
+        except BaseException:
+            self._abort()
+            raise
+        else:
+            if exc_type is not None:
+                self._abort(exc_type, exc, tb)
+                return False
+            for f in self._files.values():
+                f.close()
+            self._stack.close()  # renames the temporary directory into place
+        return False
+
+    def _finish(self) -> None:
+        for f in self._files.values():
+            if f.pending:
+                raise MergeflowError(f"{self.out_dir}: tensor {sorted(f.pending)[0]} was never written")
+        if len(self._files) > 1:
+            index = {"metadata": {"total_size": sum(f.size - f.data_start for f in self._files.values())},
+                     "weight_map": {n: f.path.name for n, f in self._file_of.items()}}
+            (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if self.like.path.is_dir():
+            for fname in self.copy_files:
+                if (self.like.path / fname).exists():
+                    shutil.copyfile(self.like.path / fname, self.tmp / fname)
+
+    def _abort(self, *exc_info) -> None:
+        for f in self._files.values():
+            try:
+                os.close(f.fd)
+            except OSError:
+                pass
+        self._files.clear()
+        self._stack.__exit__(*(exc_info or (MergeflowError, MergeflowError("aborted"), None)))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view.nbytes:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
