@@ -106,13 +106,14 @@ def _float32(theta0: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def run(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Mapping[str, Any], sink: Sink,
         device: torch.device = torch.device("cpu"), progress: Progress | None = None) -> None:
-    """Merge every tensor of the base; ``sink(name, tensors)`` receives the merged weights
+    """Merge every tensor of the base (``hp`` overlays the method's defaults); ``sink(name, tensors)`` receives the merged weights
     (one tensor for a static method, one per task for a dynamic one), float32 for floating
     tensors (on ``device``), the base's own tensor otherwise."""
     if not sources:
         raise MergeflowError("merge: at least one fine-tuned model is needed")
     n_out = len(sources) if method.dynamic else 1
     names = base.names()
+    hp = method.hyper(dict(hp))  # defaults for what is not given; checks what is
     kwargs = dict(hp)
     if method.prepare is not None:
         floating = [n for n in names if _is_floating(base, n)]
@@ -236,7 +237,6 @@ def merge_state_dicts(method: Method, base: Mapping[str, torch.Tensor], models: 
 
     Returns one merged state dict (static) or one per model (dynamic); floating tensors in float32.
     """
-    hp = method.hyper(dict(hp or {}))
     b = MemoryCheckpoint(base, "<base>")
     sources = [TaskVectors.from_model(b, MemoryCheckpoint(m, f"<model {i}>")) for i, m in enumerate(models)]
-    return merge(method, b, sources, hp, torch.device(device) if isinstance(device, str) else device)
+    return merge(method, b, sources, hp or {}, torch.device(device) if isinstance(device, str) else device)

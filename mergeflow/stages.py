@@ -20,7 +20,7 @@ from mergeflow.codecs.switch import load_switch, save_switch
 from mergeflow.errors import MergeflowError
 from mergeflow.io.atomic import atomic_dir, write_json
 from mergeflow.io.checkpoint import Checkpoint
-from mergeflow.merge import TaskVectors, merge as run_merge, resolve_device, write_merged
+from mergeflow.merge import TaskVectors, merge_to_disk, resolve_device
 from mergeflow.methods import tswitch
 from mergeflow.params import Params
 from mergeflow.vectors import extract_task_vector
@@ -188,10 +188,10 @@ def merge(p: Params, root: Path, log: Log = _noop) -> dict:
             else:
                 hp = p.merge.hyper(name)
                 sources = [TaskVectors.from_vector(base, _require(lay.vectors / f"{t}.safetensors", "extract")) for t in tasks]
-                outs = run_merge(method, base, sources, hp, device)
-                shutil.rmtree(dst)
-                written = write_merged(outs, dst, base, method.dynamic)
-                storage = sum(_tensor_bytes(Checkpoint(w)) for w in written)
+                dst.rmdir()
+                merge_to_disk(method, base, sources, hp, dst, device, metadata={"tasks": ",".join(tasks)})
+                n, itemsize = _floating_params(base)
+                storage = method.storage_bytes(n, len(tasks), itemsize)
                 info = {"store": "checkpoint" if not method.dynamic else "checkpoints", **hp}
             meta = {"method": name, "dynamic": method.dynamic, "tasks": tasks, "storage_bytes": storage, **info}
             write_json(dst / "method.json", meta)
@@ -200,8 +200,10 @@ def merge(p: Params, root: Path, log: Log = _noop) -> dict:
     return summary
 
 
-def _tensor_bytes(ckpt: Checkpoint) -> int:
-    return sum(t.numel() * t.element_size() for _, t in ckpt.items())
+def _floating_params(ckpt: Checkpoint) -> tuple[int, int]:
+    """(floating parameters of one model, bytes per parameter in the base's dtype)."""
+    n = sum(t.numel() for _, t in ckpt.items() if t.is_floating_point())
+    return n, torch.empty((), dtype=ckpt.dtype()).element_size()
 
 
 # --- evaluate ---------------------------------------------------------------------------

@@ -58,7 +58,8 @@ def test_metrics_contract(workspace, first_run):
     metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
     tasks = json.loads((workspace / "artifacts/sources.json").read_text())["tasks"]
     assert len(tasks) == 2
-    assert set(metrics["methods"]) == {"weight_average", "task_arithmetic", "tswitch"}
+    listed = yaml.safe_load((workspace / "params.yaml").read_text())["merge"]["methods"]
+    assert set(metrics["methods"]) == set(listed) >= {"weight_average", "task_arithmetic", "ties", "emr", "tall_mask", "tswitch"}
     for row in [metrics["base"], metrics["experts"], *metrics["methods"].values()]:
         assert set(row["acc"]) == set(tasks)
         assert all(0.0 <= a <= 1.0 for a in row["acc"].values())
@@ -75,8 +76,11 @@ def test_metrics_contract(workspace, first_run):
     # T-Switch keeps a few per cent of the float32 task vectors
     assert metrics["methods"]["tswitch"]["storage_ratio"] < 0.08
     assert 1.0 < metrics["switches"]["bits_per_param"] < 1.6
+    # EMR keeps tau_uni in float32 plus one mask bit per entry and a rescaler per task
+    n = metrics["methods"]["task_arithmetic"]["storage_bytes"] // 4
+    assert metrics["methods"]["emr"]["storage_bytes"] == 4 * n + len(tasks) * ((n + 7) // 8 + 4)
     csv = (workspace / "artifacts/eval/per_task.csv").read_text().splitlines()
-    assert csv[0] == "model,task,acc,norm_acc" and len(csv) == 1 + 5 * len(tasks)
+    assert csv[0] == "model,task,acc,norm_acc" and len(csv) == 1 + (2 + len(listed)) * len(tasks)
     for plot in ("accuracy.png", "storage.png"):
         assert (workspace / "artifacts/eval/plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tswitch" in first_run.output and "normalised" in first_run.output

@@ -1,19 +1,32 @@
 """Lazy, tensor-by-tensor checkpoint access in Hugging Face layout, and atomic checkpoint writes.
 
 A checkpoint reference is a directory (``config.json`` + ``model.safetensors``, or sharded
-``*.safetensors`` with ``model.safetensors.index.json``) or a single ``.safetensors`` file.
-Tensors are read one at a time through safetensors' lazy ``safe_open``: memory grows with the
-largest tensor, never with the model.
+``*.safetensors`` with ``model.safetensors.index.json``; failing those ``pytorch_model.bin`` or
+its sharded ``pytorch_model.bin.index.json`` form), a single ``.safetensors`` file, or a single
+``.bin``/``.pt``/``.pth`` file.
+
+Safetensors files are never memory-mapped: the constructor reads and validates each header
+(names, dtypes, shapes, byte ranges, file size), and ``get`` reads one tensor's byte range with
+``pread`` into a fresh tensor. Resident memory therefore holds only the tensors the caller keeps,
+never the pages of whole files. ``.bin``/``.pt`` files are loaded only through
+``torch.load(weights_only=True)``, memory-mapped when they are in the zip format (their touched
+pages are file-backed, so the kernel can drop them; one file is mapped at a time).
 """
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import re
 import shutil
+import struct
+import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mergeflow.errors import MergeflowError
@@ -21,80 +34,180 @@ from mergeflow.io.atomic import atomic_dir, atomic_file
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_WEIGHTS_NAME = "pytorch_model.bin"
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+# safetensors dtype codes -> torch dtypes (those this torch has; sub-byte formats are left out).
+ST_DTYPES: dict[str, torch.dtype] = {
+    code: dt
+    for code, dt in {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U64": getattr(torch, "uint64", None), "U32": getattr(torch, "uint32", None),
+        "U16": getattr(torch, "uint16", None), "U8": torch.uint8, "BOOL": torch.bool,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None), "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None), "C64": torch.complex64,
+    }.items()
+    if dt is not None
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and (safetensors only) absolute byte range."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int = -1  # -1: a torch (.bin/.pt) file, read through torch.load
+    end: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * self.dtype.itemsize
+
 
 class Checkpoint:
-    """Read-only lazy view of a checkpoint: ``names``, ``shape``, ``dtype``, ``get``."""
+    """Read-only lazy view of a checkpoint: ``names``, ``shape``, ``tensor_dtype``, ``dtype``, ``get``.
+
+    Every file's header is read and validated up front, so a corrupt, truncated or inconsistent
+    checkpoint fails here, before any work, with a one-line error naming the file (and tensor).
+    Open file handles are released by ``close()`` (or ``with Checkpoint(ref) as ck:``).
+    """
 
     def __init__(self, ref: str | Path):
         self.path = Path(ref)
         if not self.path.exists():
             raise MergeflowError(f"checkpoint not found: {self.path}")
-        self._files: dict[str, Path] = {}  # tensor name -> shard file
         self.config_path: Path | None = None
+        self._infos: dict[str, TensorInfo] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._torch_cache: tuple[Path, dict[str, torch.Tensor]] | None = None  # one mapped .bin at a time
         if self.path.is_file():
-            self._add_file(self.path)
+            self._infos = self._scan(self.path)
         else:
-            index = self.path / INDEX_NAME
             if (self.path / "config.json").exists():
                 self.config_path = self.path / "config.json"
-            if index.exists():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (ValueError, KeyError) as exc:
-                    raise MergeflowError(f"{index}: not a valid safetensors index ({exc})") from None
-                for shard in sorted(set(weight_map.values())):
-                    self._add_file(self.path / shard)
-                missing = set(weight_map) - set(self._files)
-                if missing:
-                    raise MergeflowError(f"{index}: tensor {sorted(missing)[0]} listed but not in its shard")
-            elif (self.path / WEIGHTS_NAME).exists():
-                self._add_file(self.path / WEIGHTS_NAME)
+            for index_name, single_name in ((INDEX_NAME, WEIGHTS_NAME), (BIN_INDEX_NAME, BIN_WEIGHTS_NAME)):
+                if (self.path / index_name).exists():
+                    self._infos = self._scan_sharded(self.path / index_name)
+                    break
+                if (self.path / single_name).exists():
+                    self._infos = self._scan(self.path / single_name)
+                    break
             else:
-                raise MergeflowError(f"{self.path}: no {WEIGHTS_NAME} or {INDEX_NAME} in checkpoint directory")
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+                raise MergeflowError(
+                    f"{self.path}: no {WEIGHTS_NAME}, {INDEX_NAME}, {BIN_WEIGHTS_NAME} or {BIN_INDEX_NAME} in checkpoint directory"
+                )
+        self._files: dict[str, Path] = {name: info.file for name, info in self._infos.items()}
 
-    def _add_file(self, file: Path) -> None:
-        if not file.exists():
+    # --- scanning -------------------------------------------------------------------------
+
+    def _scan(self, file: Path) -> dict[str, TensorInfo]:
+        if not file.is_file():
             raise MergeflowError(f"checkpoint file not found: {file}")
+        if file.suffix in TORCH_SUFFIXES:
+            tensors = _torch_load(file)
+            self._torch_cache = (file, tensors)
+            return {name: TensorInfo(file, t.dtype, tuple(t.shape)) for name, t in sorted(tensors.items())}
+        return read_safetensors_header(file)
+
+    def _scan_sharded(self, index: Path) -> dict[str, TensorInfo]:
+        """All shards of an index; every listed tensor must be in its shard and nothing else there."""
         try:
-            with safe_open(file, framework="pt") as fh:
-                for name in fh.keys():
-                    self._files[name] = file
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise MergeflowError(f"{file}: corrupt or truncated safetensors file ({_one_line(exc)})") from None
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("weight_map is not a mapping of tensor names to files")
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise MergeflowError(f"{index}: not a valid checkpoint index ({_one_line(exc)})") from None
+        infos: dict[str, TensorInfo] = {}
+        for shard in sorted(set(weight_map.values())):
+            file = index.parent / shard
+            if not file.is_file():
+                listed = sorted(n for n, s in weight_map.items() if s == shard)[0]
+                raise MergeflowError(f"{index}: tensor {listed} is in shard {shard}, which is missing")
+            for name, info in self._scan(file).items():
+                if weight_map.get(name) != shard:
+                    raise MergeflowError(f"{file}: tensor {name} is not listed for this shard in {index.name}")
+                infos[name] = info
+        if missing := sorted(set(weight_map) - set(infos)):
+            raise MergeflowError(f"{index}: tensor {missing[0]} listed for {weight_map[missing[0]]} but not in that file")
+        return infos
+
+    # --- metadata -------------------------------------------------------------------------
 
     def names(self) -> list[str]:
-        return list(self._files)
+        return list(self._infos)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._files
+        return name in self._infos
 
-    def _slice_meta(self, name: str) -> tuple[tuple[int, ...], str]:
-        if name not in self._meta:
-            with safe_open(self._file(name), framework="pt") as fh:
-                sl = fh.get_slice(name)
-                self._meta[name] = (tuple(sl.get_shape()), sl.get_dtype())
-        return self._meta[name]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._slice_meta(name)[0]
-
-    def _file(self, name: str) -> Path:
+    def info(self, name: str) -> TensorInfo:
         try:
-            return self._files[name]
+            return self._infos[name]
         except KeyError:
             raise MergeflowError(f"{self.path}: tensor {name} not in checkpoint") from None
 
+    def file_of(self, name: str) -> Path:
+        """The file (shard) holding ``name``."""
+        return self.info(name).file
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of one tensor (from the header: no data is read)."""
+        return self.info(name).dtype
+
+    def dtype(self) -> torch.dtype:
+        """The dominant floating dtype of the checkpoint (what merged outputs are written in)."""
+        counts: dict[torch.dtype, int] = {}
+        for info in self._infos.values():
+            counts[info.dtype] = counts.get(info.dtype, 0) + _numel(info.shape)
+        floats = {k: v for k, v in counts.items() if k in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+        return max(floats, key=floats.get) if floats else torch.float32
+
+    # --- data -----------------------------------------------------------------------------
+
     def get(self, name: str) -> torch.Tensor:
-        file = self._file(name)
-        try:
-            with safe_open(file, framework="pt") as fh:
-                return fh.get_tensor(name)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise MergeflowError(f"{file}: cannot read tensor {name} ({_one_line(exc)})") from None
+        """One tensor, freshly allocated on the CPU (the caller owns it; nothing else is kept)."""
+        info = self.info(name)
+        if info.start < 0:
+            return self._get_torch(name, info)
+        if sys.byteorder != "little":
+            raise MergeflowError(f"{info.file}: tensor {name} cannot be read: safetensors needs a little-endian host")
+        buf = torch.empty(info.end - info.start, dtype=torch.uint8)
+        if len(buf):
+            try:
+                _pread_full(self._fd(info.file), memoryview(buf.numpy()), info.start)
+            except (OSError, EOFError) as exc:
+                raise MergeflowError(f"{info.file}: cannot read tensor {name} ({_one_line(exc) or 'file cut short'})") from None
+        return buf.view(info.dtype).reshape(info.shape)
+
+    def _fd(self, file: Path) -> int:
+        """A read-only descriptor of ``file``, opened on first use and kept until ``close()``."""
+        with self._lock:
+            if file not in self._fds:
+                fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                self._fds[file] = fd
+            return self._fds[file]
+
+    def _get_torch(self, name: str, info: TensorInfo) -> torch.Tensor:
+        with self._lock:
+            if self._torch_cache is None or self._torch_cache[0] != info.file:
+                self._torch_cache = None  # unmap the previous file first
+                self._torch_cache = (info.file, _torch_load(info.file))
+            tensors = self._torch_cache[1]
+        t = tensors.get(name)
+        if t is None or t.dtype != info.dtype or tuple(t.shape) != info.shape:
+            raise MergeflowError(f"{info.file}: tensor {name} changed since the checkpoint was opened")
+        return torch.empty(info.shape, dtype=info.dtype).copy_(t)
 
     def items(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names() if names is None else names:
@@ -103,23 +216,151 @@ class Checkpoint:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.items())
 
-    def dtype(self) -> torch.dtype:
-        """The dominant floating dtype of the checkpoint (what merged outputs are written in)."""
-        counts: dict[str, int] = {}
-        for name in self.names():
-            shape, dt = self._slice_meta(name)
-            counts[dt] = counts.get(dt, 0) + int(torch.Size(shape).numel())
-        floats = {k: v for k, v in counts.items() if k in ("F32", "F16", "BF16", "F64")}
-        top = max(floats or counts, key=(floats or counts).get)
-        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(top, torch.float32)
+    # --- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close open files (a later ``get`` reopens them)."""
+        with self._lock:
+            fds, self._fds, self._torch_cache = self._fds, {}, None
+        for fd in fds.values():
+            os.close(fd)
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fds", None):
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown
+                pass
+
+    def __getstate__(self) -> dict:
+        """Picklable (for process pools): open files and the lock stay behind."""
+        return {**self.__dict__, "_fds": {}, "_lock": None, "_torch_cache": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, {len(self._infos)} tensors)"
 
 
-def _one_line(exc: BaseException) -> str:
+def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header, reading no tensor data.
+
+    Checks what safetensors' ``safe_open`` checks (known dtypes, byte ranges matching shapes,
+    ranges tiling the data without gaps or overlaps, the file size covering them exactly) and
+    reports a failure as one line naming the file and, when known, the tensor.
+    """
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise MergeflowError(f"{file}: not a safetensors file ({size} bytes, too short for a header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise MergeflowError(f"{file}: not a safetensors file (header length {n} does not fit in the file's {size} bytes)")
+            raw = fh.read(n)
+    except OSError as exc:
+        raise MergeflowError(f"{file}: cannot read ({_one_line(exc)})") from None
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise MergeflowError(f"{file}: invalid safetensors header JSON ({_one_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise MergeflowError(f"{file}: invalid safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in sorted(header.items()):
+        try:
+            code, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            if not all(_is_count(x) for x in (*shape, begin, end)):
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise MergeflowError(f"{file}: tensor {name} has an invalid header entry {_one_line(json.dumps(entry))[:120]}") from None
+        if code not in ST_DTYPES:
+            raise MergeflowError(f"{file}: tensor {name} has dtype {code}, which this torch cannot read")
+        info = TensorInfo(file, ST_DTYPES[code], tuple(shape), base + begin, base + end)
+        if end - begin != info.nbytes:
+            raise MergeflowError(
+                f"{file}: tensor {name} has data_offsets [{begin}, {end}] for shape {list(shape)} {code} ({info.nbytes} bytes)"
+            )
+        infos[name] = info
+    expect = base
+    for name, info in sorted(infos.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if info.start != expect:
+            raise MergeflowError(f"{file}: tensor {name} data overlaps another tensor or leaves a gap (corrupt header)")
+        if info.end > size:
+            raise MergeflowError(f"{file}: tensor {name} is cut short: its data ends at byte {info.end}, the file has {size} (truncated file)")
+        expect = info.end
+    if expect != size:
+        raise MergeflowError(f"{file}: {size - expect} stray bytes after the last tensor (corrupt file)")
+    return infos
+
+
+def _torch_load(file: Path) -> dict[str, torch.Tensor]:
+    """A ``.bin``/``.pt`` state dict through ``torch.load(weights_only=True)`` (mapped when zip format)."""
+    try:
+        with open(file, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        reason = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(exc))
+        if reason:
+            raise MergeflowError(
+                f"{file}: refused by torch.load(weights_only=True): it holds more than tensors ({_one_line(reason.group(1))})"
+            ) from None
+        raise MergeflowError(f"{file}: corrupt or truncated torch file ({_one_line(exc)})") from None
+    except Exception as exc:  # torch.load raises many kinds on damaged files
+        first = re.split(r"(?<=\.)\s", _one_line(exc), maxsplit=1)[0]
+        raise MergeflowError(f"{file}: corrupt or truncated torch file ({type(exc).__name__}: {first})") from None
+    if not isinstance(obj, dict):
+        raise MergeflowError(f"{file}: not a state dict of tensors (top level is a {type(obj).__name__})")
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            kind = type(value).__name__ if not isinstance(value, torch.Tensor) else f"{value.layout} tensor"
+            hint = " (nested state dicts are not supported)" if isinstance(value, dict) else ""
+            raise MergeflowError(f"{file}: tensor {key} is a {kind}, not a dense tensor{hint}")
+    return {str(k): v for k, v in obj.items()}
+
+
+def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``fd`` at ``offset`` (positional reads: thread-safe, no seek state)."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if n == 0:
+            raise EOFError(f"file ends {len(buf) - done} bytes early (truncated since it was opened)")
+        done += n
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _one_line(exc: BaseException | str) -> str:
     return " ".join(str(exc).split())[:300]
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def check_compatible(base: Checkpoint, other: Checkpoint, names: Iterable[str] | None = None) -> None:
-    """Same tensor names and shapes as the base, or a one-line error naming the first difference."""
+    """Same tensor names, shapes and floating dtypes as the base, or a one-line error naming the first difference."""
     want = set(base.names() if names is None else names)
     have = set(other.names())
     if missing := sorted(want - have):
@@ -131,9 +372,15 @@ def check_compatible(base: Checkpoint, other: Checkpoint, names: Iterable[str] |
             raise MergeflowError(
                 f"{other.path}: tensor {name} has shape {list(other.shape(name))}, base has {list(base.shape(name))}"
             )
+        bdt, odt = base.tensor_dtype(name), other.tensor_dtype(name)
+        if bdt != odt and (bdt.is_floating_point or odt.is_floating_point):
+            raise MergeflowError(
+                f"{other.path}: tensor {name} has dtype {_dtype_name(odt)}, base {base.path} has {_dtype_name(bdt)}"
+            )
 
 
 def check_finite(name: str, tensor: torch.Tensor, source: Path | str) -> None:
+    """A one-line error if a floating tensor holds NaN or Inf."""
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         kind = "NaN" if torch.isnan(tensor).any() else "Inf"
         raise MergeflowError(f"{source}: tensor {name} contains {kind}")

@@ -37,9 +37,7 @@ COPIED_FILES = ("config.json", "generation_config.json")  # small files a loader
 
 def tensor_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
     """The stored dtype of one tensor of ``ckpt``, read from its header."""
-    if hasattr(ckpt, "tensor_dtype"):
-        return ckpt.tensor_dtype(name)
-    return TORCH_DTYPES[ckpt._slice_meta(name)[1]]
+    return ckpt.tensor_dtype(name)
 
 
 def shard_layout(ckpt: Checkpoint) -> dict[str, list[str]]:
@@ -47,7 +45,7 @@ def shard_layout(ckpt: Checkpoint) -> dict[str, list[str]]:
     files: dict[str, list[str]] = {}
     sharded = ckpt.path.is_dir() and (ckpt.path / INDEX_NAME).exists()
     for name in ckpt.names():
-        files.setdefault(ckpt._file(name).name if sharded else WEIGHTS_NAME, []).append(name)
+        files.setdefault(ckpt.file_of(name).name if sharded else WEIGHTS_NAME, []).append(name)
     return files
 
 
