@@ -90,6 +90,9 @@ def merge_cmd(
         sources = [TaskVectors.from_model(base_ckpt, resolve_ref(r)) for r in models]
         if store == "switches":
             return _write_switches(base_ckpt, sources, hp["drop"], out)
+        from mergeflow._alloc import reuse_freed_memory
+
+        reuse_freed_memory()
         bar, update = progress_bar(f"{method}")
         with bar:
             merge_to_disk(m, base_ckpt, sources, hp, out, dev, dtype=DTYPES[out_dtype] if out_dtype else None,

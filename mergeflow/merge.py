@@ -22,7 +22,7 @@ from mergeflow.io.writer import CheckpointWriter
 from mergeflow.methods import Method
 
 Progress = Callable[[int, int, str], None]
-Sink = Callable[[str, list[torch.Tensor]], None]
+Sink = Callable[[str, int, list[torch.Tensor]], None]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -78,6 +78,11 @@ def _is_floating(ckpt: Checkpoint, name: str) -> bool:
     return tensor_dtype(ckpt, name).is_floating_point
 
 
+BLOCK_CPU = 1 << 20  # elements per block of a block-wise method: temporaries stay in cache
+BLOCK_CUDA = 1 << 26
+PREFETCH_BYTES = 256 << 20  # read the next tensor ahead only when its inputs are smaller than this
+
+
 def _load(base: Checkpoint, sources: Sequence[TaskVectors], name: str):
     theta0 = base.get(name)
     if not theta0.is_floating_point():
@@ -86,17 +91,29 @@ def _load(base: Checkpoint, sources: Sequence[TaskVectors], name: str):
     return theta0, [src.fetch(name) for src in sources]
 
 
+def _input_bytes(base: Checkpoint, sources: Sequence[TaskVectors], name: str) -> int:
+    n = 1
+    for d in base.shape(name):
+        n *= d
+    return n * (1 + len(sources)) * torch.empty((), dtype=base.tensor_dtype(name)).element_size()
+
+
 def _prefetched(base: Checkpoint, sources: Sequence[TaskVectors], names: Sequence[str]) -> Iterator[tuple[str, Any]]:
-    """(name, loaded inputs) in order, reading tensor i+1 on a thread while i is processed."""
+    """(name, loaded inputs) in order; the next tensor is read on a thread while one is
+    processed, unless its inputs are large (then two tensors' inputs would sit in memory)."""
     if not names:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-read") as pool:
         nxt = pool.submit(_load, base, sources, names[0])
         for i, name in enumerate(names):
             loaded = nxt.result()
-            if i + 1 < len(names):
+            nxt = None
+            if i + 1 < len(names) and _input_bytes(base, sources, names[i + 1]) <= PREFETCH_BYTES:
                 nxt = pool.submit(_load, base, sources, names[i + 1])
             yield name, loaded
+            loaded = None  # the consumer has dropped its references too: free before reading on
+            if nxt is None and i + 1 < len(names):
+                nxt = pool.submit(_load, base, sources, names[i + 1])
 
 
 def _float32(theta0: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -106,15 +123,20 @@ def _float32(theta0: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def run(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Mapping[str, Any], sink: Sink,
         device: torch.device = torch.device("cpu"), progress: Progress | None = None) -> None:
-    """Merge every tensor of the base (``hp`` overlays the method's defaults); ``sink(name, tensors)`` receives the merged weights
-    (one tensor for a static method, one per task for a dynamic one), float32 for floating
-    tensors (on ``device``), the base's own tensor otherwise."""
+    """Merge every tensor of the base (``hp`` overlays the method's defaults).
+
+    ``sink(name, start, blocks)`` receives the merged weights as flat blocks: elements
+    ``start ..`` of the flattened tensor, one block for a static method and one per task for
+    a dynamic one; float32 (on ``device``) for floating tensors, the base's own tensor
+    otherwise. Whole-tensor methods give one block per tensor; block-wise ones several.
+    """
     if not sources:
         raise MergeflowError("merge: at least one fine-tuned model is needed")
     n_out = len(sources) if method.dynamic else 1
     names = base.names()
     hp = method.hyper(dict(hp))  # defaults for what is not given; checks what is
-    kwargs = dict(hp)
+    kwargs: dict[str, Any] = dict(hp)
+    ctx = None
     if method.prepare is not None:
         floating = [n for n in names if _is_floating(base, n)]
 
@@ -123,22 +145,59 @@ def run(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Ma
                 b = _float32(theta0, device)
                 yield name, b, [src.to_tau(r, b) for src, r in zip(sources, raws)]
 
-        kwargs["ctx"] = method.prepare(stream, dict(hp))
-    for i, (name, (theta0, raws)) in enumerate(_prefetched(base, sources, names)):
+        ctx = kwargs["ctx"] = method.prepare(stream, dict(hp))
+    blockwise = method.is_blockwise(hp)
+    block = BLOCK_CUDA if device.type == "cuda" else BLOCK_CPU
+    for i, item in enumerate(_prefetched(base, sources, names)):
+        name, (theta0, raws) = item
+        del item
         if raws is None:
-            sink(name, [theta0] * n_out)
+            sink(name, 0, [theta0.reshape(-1)] * n_out)
+        elif blockwise:
+            _run_blocks(method, name, theta0, raws, sources, kwargs, ctx, hp, sink, device, block, n_out)
         else:
             b = _float32(theta0, device)
             taus = [src.to_tau(r, b) for src, r in zip(sources, raws)]
-            del raws
-            result = method(name, b, taus, **kwargs)
+            raws = None
+            deltas = _deltas(method, name, b, taus, kwargs, n_out)
             del taus
-            deltas = result if method.dynamic else [result]
-            if len(deltas) != n_out:
-                raise MergeflowError(f"method {method.name} returned {len(deltas)} tensors for {name}, expected {n_out}")
-            sink(name, _add_base(deltas, b))
+            sink(name, 0, [t.reshape(-1) for t in _add_base(deltas, b)])
+            del deltas, b
+        del theta0, raws  # before the next tensor is read
         if progress:
             progress(i + 1, len(names), name)
+
+
+def _deltas(method: Method, name: str, b: torch.Tensor, taus: list[torch.Tensor], kwargs: dict, n_out: int) -> list[torch.Tensor]:
+    result = method(name, b, taus, **kwargs)
+    deltas = result if method.dynamic else [result]
+    if len(deltas) != n_out:
+        raise MergeflowError(f"method {method.name} returned {len(deltas)} tensors for {name}, expected {n_out}")
+    return deltas
+
+
+def _run_blocks(method, name, theta0, raws, sources, kwargs, ctx, hp, sink, device, block, n_out) -> None:
+    """A block-wise method over one tensor: per-tensor stats first (from whole task vectors,
+    one task at a time), then slice by slice; only the inputs' own dtype is held whole."""
+    flat0 = theta0.reshape(-1)
+    flats = [r.reshape(-1) for r in raws]
+    kw = dict(kwargs)
+    if method.tensor_stats is not None:
+        b_full = _float32(theta0, device)
+        def tau_of(t: int) -> torch.Tensor:  # task t's whole float32 task vector, a fresh tensor
+            tau = sources[t].to_tau(raws[t], b_full)
+            return tau.clone() if tau.data_ptr() == raws[t].data_ptr() else tau
+
+        kw["stats"] = method.tensor_stats(name, tau_of, len(sources), hp, ctx)
+        del b_full
+    n = flat0.numel()
+    for start in range(0, max(n, 1), block):
+        stop = min(n, start + block)
+        b = _float32(flat0[start:stop], device)
+        taus = [src.to_tau(f[start:stop], b) for src, f in zip(sources, flats)]
+        deltas = _deltas(method, name, b, taus, kw, n_out)
+        del taus
+        sink(name, start, _add_base(deltas, b))
 
 
 def _add_base(deltas: Sequence[torch.Tensor], b: torch.Tensor) -> list[torch.Tensor]:
@@ -156,9 +215,15 @@ def merge(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: 
     """``run`` into memory: one state dict (static) or one per task (dynamic), on the CPU."""
     outs: list[dict[str, torch.Tensor]] = [{} for _ in range(len(sources) if method.dynamic else 1)]
 
-    def sink(name: str, tensors: list[torch.Tensor]) -> None:
-        for out, t in zip(outs, tensors):
-            out[name] = t.cpu()
+    def sink(name: str, start: int, blocks: list[torch.Tensor]) -> None:
+        shape = tuple(base.shape(name))
+        for out, blk in zip(outs, blocks):
+            if name not in out:
+                if start == 0 and blk.numel() == _numel(shape):
+                    out[name] = blk.cpu().reshape(shape)
+                    continue
+                out[name] = torch.empty(shape, dtype=blk.dtype)
+            out[name].view(-1)[start:start + blk.numel()] = blk.cpu()
 
     run(method, base, sources, hp, sink, device, progress)
     return outs
@@ -179,7 +244,7 @@ def merge_to_disk(method: Method, base: Checkpoint, sources: Sequence[TaskVector
     meta = {"mergeflow_method": method.name, **dict(metadata or {})}
     if not method.dynamic:
         with CheckpointWriter(out_dir, like=base, dtype=dtype, metadata=meta) as w:
-            run(method, base, sources, hp, lambda name, ts: w.write(name, ts[0]), device, progress)
+            run(method, base, sources, hp, lambda name, start, ts: w.write_block(name, start, ts[0]), device, progress)
         return [out_dir]
     with atomic_dir(out_dir) as tmp:
         writers = [CheckpointWriter(tmp / f"task_{i}", like=base, dtype=dtype, metadata={**meta, "task_index": str(i)})
@@ -189,9 +254,9 @@ def merge_to_disk(method: Method, base: Checkpoint, sources: Sequence[TaskVector
             for w in writers:
                 entered.append(w.__enter__())
 
-            def sink(name: str, tensors: list[torch.Tensor]) -> None:
-                for w, t in zip(writers, tensors):
-                    w.write(name, t)
+            def sink(name: str, start: int, blocks: list[torch.Tensor]) -> None:
+                for w, t in zip(writers, blocks):
+                    w.write_block(name, start, t)
 
             run(method, base, sources, hp, sink, device, progress)
         except BaseException as exc:
@@ -201,6 +266,13 @@ def merge_to_disk(method: Method, base: Checkpoint, sources: Sequence[TaskVector
         for w in entered:
             w.__exit__(None, None, None)
     return [out_dir / f"task_{i}" for i in range(len(sources))]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 class MemoryCheckpoint:

@@ -177,16 +177,18 @@ def _kth(values: torch.Tensor, k: int, has_zero: bool) -> torch.Tensor:
     return torch.tensor(found, dtype=key).view(values.dtype).to(values.device)
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+def kth_largest(values: torch.Tensor, k: int, checked: bool = False) -> torch.Tensor:
     """Exact k-th largest (1-indexed) of a float tensor of non-negative values (e.g. magnitudes).
 
     Returns a 0-dim tensor of the input's dtype and device. Raises ValueError if k < 1 or
     k > numel, or if the values hold NaN or negatives; TypeError for a non-float tensor.
+    ``checked=True`` promises the values are finite and >= 0 (e.g. ``x.abs()`` of a
+    checked tensor) and saves the validating pass.
     """
     n = values.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} is out of range for {n} values (1 <= k <= numel)")
-    return _kth(values, k, _check(values))
+    return _kth(values, k, True if checked else _check(values))
 
 
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:

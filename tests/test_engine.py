@@ -189,3 +189,27 @@ def test_cuda_matches_cpu(models):
         for a, g in zip(cpu, gpu):
             for k in a:
                 assert torch.allclose(a[k].float(), g[k].float(), rtol=1e-5, atol=1e-6), (name, k)
+
+
+@pytest.mark.parametrize("name, hp", [("task_arithmetic", {"scaling": 0.4}), ("weight_average", {}),
+                                      ("ties", {"density": 0.3}), ("ties", {"density": 0.3, "scope": "global"}),
+                                      ("ties", {"density": 1.0}), ("ties", {"density": 0.0})])
+def test_blockwise_equals_whole_tensor(monkeypatch, name, hp):
+    """Block-wise methods give what the method computes on whole tensors, for any block size."""
+    import mergeflow.merge as engine
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(37, 11, generator=g), "v": torch.randn(50, generator=g).round(decimals=1)}
+    models = [{k: v + torch.randn(v.shape, generator=g).round(decimals=1) for k, v in base.items()} for _ in range(3)]
+    m = methods.get(name)
+    assert m.is_blockwise(m.hyper(hp))
+    [whole] = merge_state_dicts(m, base, models, hp)  # one block: the tensors are small
+    monkeypatch.setattr(engine, "BLOCK_CPU", 16)
+    [blocks] = merge_state_dicts(m, base, models, hp)
+    for k in base:
+        assert torch.equal(whole[k], blocks[k]), k
+    if hp.get("scope") != "global":
+        full = m.hyper(hp)
+        for k in base:
+            want = base[k] + m(k, base[k], [md[k] - base[k] for md in models], **full)
+            assert torch.allclose(blocks[k], want, atol=1e-6), k

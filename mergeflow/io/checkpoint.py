@@ -380,8 +380,14 @@ def check_compatible(base: Checkpoint, other: Checkpoint, names: Iterable[str] |
 
 
 def check_finite(name: str, tensor: torch.Tensor, source: Path | str) -> None:
-    """A one-line error if a floating tensor holds NaN or Inf."""
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+    """A one-line error if a floating tensor holds NaN or Inf.
+
+    One min/max reduction (NaN propagates through both, an Inf becomes one of them): no
+    temporary the size of the tensor, unlike ``isfinite(t).all()``."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    lo, hi = torch.aminmax(tensor.detach().reshape(-1))
+    if not (torch.isfinite(lo) and torch.isfinite(hi)):
         kind = "NaN" if torch.isnan(tensor).any() else "Inf"
         raise MergeflowError(f"{source}: tensor {name} contains {kind}")
 

@@ -69,15 +69,26 @@ class _File:
         _pwrite_all(self.fd, len(raw).to_bytes(8, "little") + raw, 0)
         os.ftruncate(self.fd, self.size)
         self.pending = set(entries)
+        self.filled: dict[str, int] = {}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         dtype, shape = self.entries[name]
         if tuple(tensor.shape) != shape:
             raise MergeflowError(f"{self.path.name}: tensor {name} has shape {list(tensor.shape)}, expected {list(shape)}")
-        data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+        self.write_block(name, 0, tensor.reshape(-1))
+
+    def write_block(self, name: str, start: int, flat: torch.Tensor) -> None:
+        """Elements ``start .. start + numel`` of the flattened tensor ``name``."""
+        dtype, shape = self.entries[name]
+        n = _numel(shape)
+        if flat.dim() != 1 or start < 0 or start + flat.numel() > n:
+            raise MergeflowError(f"{self.path.name}: tensor {name}: block [{start}, {start + flat.numel()}) is outside its {n} elements")
+        data = flat.detach().to(device="cpu", dtype=dtype).contiguous()
         if data.numel():
-            _pwrite_all(self.fd, data.view(torch.uint8).numpy().data, self.data_start + self.offsets[name])
-        self.pending.discard(name)
+            _pwrite_all(self.fd, data.view(torch.uint8).numpy().data, self.data_start + self.offsets[name] + start * data.element_size())
+        self.filled[name] = done = self.filled.get(name, 0) + data.numel()
+        if done >= n:
+            self.pending.discard(name)
 
     def close(self) -> None:
         os.fsync(self.fd)
@@ -130,6 +141,14 @@ class CheckpointWriter:
         except KeyError:
             raise MergeflowError(f"{self.out_dir}: tensor {name} is not in the base {self.like.path}") from None
         f.write(name, tensor)
+
+    def write_block(self, name: str, start: int, flat: torch.Tensor) -> None:
+        """Part of a tensor: elements ``start ..`` of its flattened form (blocks may come in any order)."""
+        try:
+            f = self._file_of[name]
+        except KeyError:
+            raise MergeflowError(f"{self.out_dir}: tensor {name} is not in the base {self.like.path}") from None
+        f.write_block(name, start, flat)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         try:

@@ -13,6 +13,13 @@ A method that needs statistics over the whole model first (a global magnitude th
 EMR's rescalers) also registers ``prepare(stream, hp) -> ctx``: ``stream()`` yields
 ``(name, base, taus)`` for every floating tensor and may be called more than once (each
 call re-reads the inputs, one tensor at a time); ``fn`` then receives ``ctx=ctx``.
+A method whose work is elementwise once a few per-tensor numbers are known (Task
+Arithmetic; TIES given its trim thresholds) registers ``blockwise=True`` (or a predicate on
+its hyper-parameters) and, if it needs them, ``tensor_stats(name, tau_of, n_tasks, hp,
+ctx) -> stats``, where ``tau_of(t)`` is task t's whole float32 task vector of the tensor;
+the engine then calls ``fn`` on flat slices of the tensor with ``stats=stats``, so big
+tensors never sit in memory in float32 for every task at once. Called directly on whole
+tensors (``Method.__call__``), ``fn`` gets no ``stats`` and computes them itself.
 ``storage(n, n_tasks, itemsize) -> bytes`` gives what the method's compact form keeps
 besides the base for ``n`` floating parameters per model (default: one model for a static
 method, one per task for a dynamic one).
@@ -67,6 +74,11 @@ class Method:
     summary: str
     prepare: Callable[..., Any] | None = None
     storage: Callable[[int, int, int], int] | None = None
+    blockwise: bool | Callable[[dict], bool] = False
+    tensor_stats: Callable[..., Any] | None = None
+
+    def is_blockwise(self, hp: dict) -> bool:
+        return bool(self.blockwise(hp) if callable(self.blockwise) else self.blockwise)
 
     def storage_bytes(self, n: int, n_tasks: int, itemsize: int = 4) -> int:
         if self.storage is not None:
@@ -94,14 +106,16 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(name: str, *, dynamic: bool = False, params: dict[str, Param] | None = None, reference: str = "",
-             summary: str = "", prepare: Callable[..., Any] | None = None, storage: Callable[[int, int, int], int] | None = None):
+             summary: str = "", prepare: Callable[..., Any] | None = None, storage: Callable[[int, int, int], int] | None = None,
+             blockwise: bool | Callable[[dict], bool] = False, tensor_stats: Callable[..., Any] | None = None):
     """Decorator adding a per-tensor merge function to the registry under ``name``."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"method {name} registered twice")
         summary_ = summary or (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Method(name, fn, dynamic, dict(params or {}), reference, summary_, prepare, storage)
+        _REGISTRY[name] = Method(name, fn, dynamic, dict(params or {}), reference, summary_, prepare, storage,
+                                 blockwise, tensor_stats)
         return fn
 
     return wrap

@@ -8,7 +8,11 @@ from mergeflow.methods import Param, register
     "task_arithmetic",
     params={"scaling": Param(0.3, "coefficient lambda on the summed task vectors", low=0.0, high=10.0)},
     reference="Ilharco et al., Editing models with task arithmetic, ICLR 2023",
+    blockwise=True,
 )
 def task_arithmetic(name, base, taus, scaling):
     """Base plus scaling times the sum of task vectors."""
-    return torch.stack(list(taus)).sum(0) * scaling
+    total = taus[0] * scaling
+    for tau in taus[1:]:
+        total.add_(tau, alpha=scaling)
+    return total

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from mergeflow.methods import Param, register
-from mergeflow.select import global_thresholds, magnitude_mask
+from mergeflow.select import global_thresholds, kth_largest, magnitude_mask
 
 DENSITY = Param(0.2, "share of each task vector kept by magnitude (trim)", low=0.0, high=1.0)
 SCOPE = Param("tensor", "trim threshold per tensor, or one across the whole model", choices=("tensor", "global"))
@@ -24,7 +24,7 @@ REFERENCE = "Yadav et al., TIES-Merging: Resolving Interference When Merging Mod
 def trim(tau: torch.Tensor, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
     """tau with all but its top ``density`` share (or the entries below ``threshold``) zeroed."""
     if threshold is not None:
-        return tau * (tau.abs() >= threshold.to(tau.device))
+        return tau * (tau.abs() >= float(threshold))
     if density >= 1.0:
         return tau
     return tau * magnitude_mask(tau, int(density * tau.numel()))
@@ -32,21 +32,17 @@ def trim(tau: torch.Tensor, density: float, threshold: torch.Tensor | None = Non
 
 def disjoint_mean(trimmed: Sequence[torch.Tensor]) -> torch.Tensor:
     """Elect gamma = sign(sum), then average per entry the values whose sign equals gamma."""
-    gamma = torch.sign(torch.stack(list(trimmed)).sum(0)) if len(trimmed) < 3 else torch.sign(_sum(trimmed))
+    gamma = trimmed[0].clone()
+    for t in trimmed[1:]:
+        gamma += t
+    gamma.sign_()
     num = torch.zeros_like(gamma)
     count = torch.zeros_like(gamma)
     for t in trimmed:
-        agree = (t * gamma) > 0
-        num += t * agree
+        agree = torch.mul(t, gamma) > 0
+        num.addcmul_(t, agree)
         count += agree
-    return num / count.clamp(min=1)
-
-
-def _sum(xs: Sequence[torch.Tensor]) -> torch.Tensor:
-    total = xs[0].clone()
-    for x in xs[1:]:
-        total += x
-    return total
+    return num.div_(count.clamp_(min=1))
 
 
 def global_trim_thresholds(stream, density: float) -> list[torch.Tensor]:
@@ -64,9 +60,25 @@ def prepare_ties(stream, hp) -> dict:
     return {"thresholds": global_trim_thresholds(stream, hp["density"])}
 
 
-def ties_vector(taus: Sequence[torch.Tensor], density: float, ctx: dict | None = None) -> torch.Tensor:
-    """The merged TIES task vector of one tensor (before ``scaling``)."""
-    thresholds = (ctx or {}).get("thresholds")
+def trim_thresholds(name, tau_of, n_tasks: int, hp, ctx) -> dict:
+    """Per-tensor stats for block-wise TIES: each task's trim threshold on this tensor
+    (|tau| >= threshold is kept; +inf keeps nothing, 0 everything)."""
+    if (ctx or {}).get("thresholds"):
+        return {"thresholds": ctx["thresholds"]}
+    density = hp["density"]
+    out = []
+    for t in range(n_tasks):
+        tau = tau_of(t)  # a fresh tensor: made |tau| in place
+        k = int(density * tau.numel())
+        out.append(torch.tensor(0.0) if k >= tau.numel() else torch.tensor(float("inf")) if k == 0
+                   else kth_largest(tau.abs_(), k, checked=True).float().cpu())
+        del tau
+    return {"thresholds": out}
+
+
+def ties_vector(taus: Sequence[torch.Tensor], density: float, ctx: dict | None = None, stats: dict | None = None) -> torch.Tensor:
+    """The merged TIES task vector of one tensor or block (before ``scaling``)."""
+    thresholds = (stats or ctx or {}).get("thresholds")
     trimmed = [trim(t, density, thresholds[i] if thresholds else None) for i, t in enumerate(taus)]
     return disjoint_mean(trimmed)
 
@@ -76,7 +88,9 @@ def ties_vector(taus: Sequence[torch.Tensor], density: float, ctx: dict | None =
     params={"density": DENSITY, "scaling": Param(1.0, "coefficient on the merged task vector", low=0.0, high=10.0), "scope": SCOPE},
     reference=REFERENCE,
     prepare=prepare_ties,
+    blockwise=True,
+    tensor_stats=trim_thresholds,
 )
-def ties(name, base, taus, density, scaling, scope, ctx=None):
+def ties(name, base, taus, density, scaling, scope, ctx=None, stats=None):
     """Trim each task vector, elect signs, average the agreeing entries."""
-    return ties_vector(taus, density, ctx) * scaling
+    return ties_vector(taus, density, ctx, stats).mul_(scaling)

@@ -4,7 +4,10 @@ import torch
 from mergeflow.methods import register
 
 
-@register("weight_average", reference="Wortsman et al., Model soups, ICML 2022")
+@register("weight_average", reference="Wortsman et al., Model soups, ICML 2022", blockwise=True)
 def weight_average(name, base, taus):
     """Mean of the fine-tuned models."""
-    return torch.stack(list(taus)).mean(0)
+    total = taus[0].clone()
+    for tau in taus[1:]:
+        total += tau
+    return total.div_(len(taus))
