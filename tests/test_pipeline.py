@@ -103,7 +103,8 @@ def test_mlflow_record(workspace, first_run):
     assert parent.data.tags["dvc_lock_sha256"] and parent.data.tags["git_commit"]
     assert "experts.acc_avg" in parent.data.metrics and "switches.bits_per_param" in parent.data.metrics
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert {c.data.tags["mergeflow.method"] for c in children} == {"weight_average", "task_arithmetic", "tswitch"}
+    listed = yaml.safe_load((workspace / "params.yaml").read_text())["merge"]["methods"]
+    assert {c.data.tags["mergeflow.method"] for c in children} == set(listed)
     metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
     ta = next(c for c in children if c.data.tags["mergeflow.method"] == "task_arithmetic")
     assert ta.data.metrics["norm_acc_avg"] == pytest.approx(metrics["methods"]["task_arithmetic"]["norm_acc_avg"])
