@@ -213,3 +213,58 @@ def test_blockwise_equals_whole_tensor(monkeypatch, name, hp):
         for k in base:
             want = base[k] + m(k, base[k], [md[k] - base[k] for md in models], **full)
             assert torch.allclose(blocks[k], want, atol=1e-6), k
+
+
+def _truncate(path):
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+
+
+def _reshape(path):
+    sd = load_file(str(path / "model.safetensors"))
+    sd["layers.0.q.weight"] = sd["layers.0.q.weight"][:4]
+    save_file(sd, str(path / "model.safetensors"))
+
+
+def _drop(path):
+    sd = load_file(str(path / "model.safetensors"))
+    del sd["layers.0.norm.weight"]
+    save_file(sd, str(path / "model.safetensors"))
+
+
+def _retype(path):
+    sd = load_file(str(path / "model.safetensors"))
+    sd["layers.0.q.weight"] = sd["layers.0.q.weight"].half()
+    save_file(sd, str(path / "model.safetensors"))
+
+
+def _nan(path):
+    sd = load_file(str(path / "model.safetensors"))
+    sd["embed.weight"][2, 2] = float("inf")
+    save_file(sd, str(path / "model.safetensors"))
+
+
+def _extra(path):
+    sd = load_file(str(path / "model.safetensors"))
+    sd["extra.weight"] = torch.zeros(2)
+    save_file(sd, str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (_truncate, ["model.safetensors"]), (_reshape, ["layers.0.q.weight", "shape"]),
+    (_drop, ["layers.0.norm.weight", "missing"]), (_retype, ["layers.0.q.weight", "float16"]),
+    (_nan, ["embed.weight", "Inf"]), (_extra, ["extra.weight"]),
+])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "emr"])
+def test_cli_merge_refuses_damaged_input(models, tmp_path, damage, words, method):
+    """A damaged fine-tune: exit non-zero, one line naming the file and tensor, no output."""
+    _, _, b, ft = models
+    damage(ft[1])
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["merge", "--method", method, "--base", str(b), "--out", str(out), *map(str, ft)])
+    assert res.exit_code != 0
+    err = res.output.strip().splitlines()[-1]
+    assert err.startswith("mergeflow: error:") and "ft1" in err, err
+    for w in words:
+        assert w in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

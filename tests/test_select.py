@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mergeflow.select as select
-from mergeflow.select import global_threshold, kth_largest, magnitude_mask, topk_mask
+from mergeflow.select import global_threshold, global_thresholds, kth_largest, magnitude_mask, topk_mask
 
 INF = math.inf
 
@@ -156,6 +156,21 @@ def test_global_threshold_equals_concatenation():
         assert global_threshold(iter(tensors), k) == want
         got = global_threshold(lambda: (t for t in tensors), k)
         assert got == want and got.dtype == torch.float32 and got.dim() == 0
+
+
+def test_global_thresholds_several_streams_at_once():
+    torch.manual_seed(4)
+    groups = [[torch.randn(40, 5), torch.randn(40, 5).round(decimals=1)] for _ in range(4)]  # stream 1 is tie-heavy
+    groups.append([torch.zeros(3), torch.zeros(3)])
+    flats = [torch.cat([g[i].reshape(-1).abs() for g in groups]) for i in range(2)]
+    for ks in ([1, 1], [10, 400], [flats[0].numel(), 7], [0, 5]):
+        got = global_thresholds(lambda: iter(groups), ks)
+        for i, k in enumerate(ks):
+            assert got[i] == (math.inf if k == 0 else sorted_kth(flats[i], k)), (ks, i)
+    with pytest.raises(ValueError, match="k="):
+        global_thresholds(lambda: iter(groups), [flats[0].numel() + 1, 1])
+    with pytest.raises(ValueError, match="NaN"):
+        global_thresholds(lambda: iter([[torch.tensor([math.nan])]]), [1])
 
 
 def test_global_threshold_errors():
