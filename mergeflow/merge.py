@@ -10,6 +10,8 @@ gets extra read-only passes over the inputs before the writing pass.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -78,7 +80,7 @@ def _is_floating(ckpt: Checkpoint, name: str) -> bool:
     return tensor_dtype(ckpt, name).is_floating_point
 
 
-BLOCK_CPU = 1 << 20  # elements per block of a block-wise method: temporaries stay in cache
+BLOCK_CPU = 1 << 18  # elements per block of a block-wise method: temporaries stay in cache
 BLOCK_CUDA = 1 << 26
 PREFETCH_BYTES = 256 << 20  # read the next tensor ahead only when its inputs are smaller than this
 
@@ -148,13 +150,21 @@ def run(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Ma
         ctx = kwargs["ctx"] = method.prepare(stream, dict(hp))
     blockwise = method.is_blockwise(hp)
     block = BLOCK_CUDA if device.type == "cuda" else BLOCK_CPU
+    with contextlib.ExitStack() as stack:
+        pool = _block_pool(device) if blockwise else None
+        if pool is not None:
+            stack.enter_context(pool)
+        _run_tensors(method, base, sources, names, hp, kwargs, ctx, sink, device, progress, blockwise, block, n_out, pool)
+
+
+def _run_tensors(method, base, sources, names, hp, kwargs, ctx, sink, device, progress, blockwise, block, n_out, pool) -> None:
     for i, item in enumerate(_prefetched(base, sources, names)):
         name, (theta0, raws) = item
         del item
         if raws is None:
             sink(name, 0, [theta0.reshape(-1)] * n_out)
         elif blockwise:
-            _run_blocks(method, name, theta0, raws, sources, kwargs, ctx, hp, sink, device, block, n_out)
+            _run_blocks(method, name, theta0, raws, sources, kwargs, ctx, hp, sink, device, block, n_out, pool)
         else:
             b = _float32(theta0, device)
             taus = [src.to_tau(r, b) for src, r in zip(sources, raws)]
@@ -176,14 +186,19 @@ def _deltas(method: Method, name: str, b: torch.Tensor, taus: list[torch.Tensor]
     return deltas
 
 
-def _run_blocks(method, name, theta0, raws, sources, kwargs, ctx, hp, sink, device, block, n_out) -> None:
+def _run_blocks(method, name, theta0, raws, sources, kwargs, ctx, hp, sink, device, block, n_out, pool=None) -> None:
     """A block-wise method over one tensor: per-tensor stats first (from whole task vectors,
-    one task at a time), then slice by slice; only the inputs' own dtype is held whole."""
+    one task at a time), then slice by slice; only the inputs' own dtype is held whole.
+
+    On the CPU the slices go to ``pool``'s threads, each running torch single-threaded:
+    small elementwise ops then cost no OpenMP wake-ups (which dominate at cache-sized
+    slices when idle threads sleep, as OMP_WAIT_POLICY=PASSIVE makes them)."""
     flat0 = theta0.reshape(-1)
     flats = [r.reshape(-1) for r in raws]
     kw = dict(kwargs)
     if method.tensor_stats is not None:
         b_full = _float32(theta0, device)
+
         def tau_of(t: int) -> torch.Tensor:  # task t's whole float32 task vector, a fresh tensor
             tau = sources[t].to_tau(raws[t], b_full)
             return tau.clone() if tau.data_ptr() == raws[t].data_ptr() else tau
@@ -191,13 +206,33 @@ def _run_blocks(method, name, theta0, raws, sources, kwargs, ctx, hp, sink, devi
         kw["stats"] = method.tensor_stats(name, tau_of, len(sources), hp, ctx)
         del b_full
     n = flat0.numel()
-    for start in range(0, max(n, 1), block):
+    lock = threading.Lock()
+
+    def one(start: int) -> None:
         stop = min(n, start + block)
         b = _float32(flat0[start:stop], device)
         taus = [src.to_tau(f[start:stop], b) for src, f in zip(sources, flats)]
         deltas = _deltas(method, name, b, taus, kw, n_out)
         del taus
-        sink(name, start, _add_base(deltas, b))
+        merged = _add_base(deltas, b)
+        with lock:
+            sink(name, start, merged)
+
+    starts = range(0, max(n, 1), block)
+    if pool is None or len(starts) == 1:
+        for start in starts:
+            one(start)
+    else:
+        for _ in pool.map(one, starts):  # re-raises the first error
+            pass
+
+
+def _block_pool(device: torch.device) -> ThreadPoolExecutor | None:
+    workers = torch.get_num_threads()
+    if device.type != "cpu" or workers < 2:
+        return None
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow-block",
+                              initializer=torch.set_num_threads, initargs=(1,))
 
 
 def _add_base(deltas: Sequence[torch.Tensor], b: torch.Tensor) -> list[torch.Tensor]:

@@ -130,9 +130,22 @@ def _bracket(flat: torch.Tensor, k: int, bits: int) -> tuple[int, int]:
     q = k / n
     margin = 6 * math.sqrt(m * q * (1 - q)) + 16  # ~6 standard deviations of the sample rank
     r_hi, r_lo = math.floor(q * m - margin), math.ceil(q * m + margin)
-    hi = _radix(sample, r_hi, bits) if r_hi >= 1 else (1 << (bits - 1)) - 1
-    lo = _radix(sample, r_lo, bits) if r_lo <= m else 0
+    ranks = [r for r in (r_hi, r_lo) if 1 <= r <= m]
+    found = dict(zip(ranks, _sample_ranks(_cat(list(sample())), ranks)))
+    hi = found[r_hi] if r_hi >= 1 else (1 << (bits - 1)) - 1
+    lo = found[r_lo] if r_lo <= m else 0
     return lo, hi
+
+
+def _sample_ranks(keys: Keys, ranks: list[int]) -> list[int]:
+    """The r-th largest keys of a small sample (a fixed 64Ki keys: partitioning it is cheaper
+    than two radix passes with their 64Ki-bin histograms)."""
+    m = keys.shape[0]
+    if isinstance(keys, np.ndarray):
+        part = np.partition(keys, sorted({m - r for r in ranks}))
+        return [int(part[m - r]) for r in ranks]
+    ordered = torch.sort(keys).values
+    return [int(ordered[m - r]) for r in ranks]
 
 
 def _gather_band(keys: Chunks, lo: int, hi: int) -> tuple[int, int, Keys | None] | None:

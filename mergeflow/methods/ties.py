@@ -9,6 +9,7 @@ Consensus merging.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
@@ -66,13 +67,24 @@ def trim_thresholds(name, tau_of, n_tasks: int, hp, ctx) -> dict:
     if (ctx or {}).get("thresholds"):
         return {"thresholds": ctx["thresholds"]}
     density = hp["density"]
-    out = []
-    for t in range(n_tasks):
-        tau = tau_of(t)  # a fresh tensor: made |tau| in place
-        k = int(density * tau.numel())
-        out.append(torch.tensor(0.0) if k >= tau.numel() else torch.tensor(float("inf")) if k == 0
-                   else kth_largest(tau.abs_(), k, checked=True).float().cpu())
-        del tau
+
+    def threshold(mag: torch.Tensor) -> torch.Tensor:
+        k = int(density * mag.numel())
+        if k >= mag.numel():
+            return torch.tensor(0.0)
+        return torch.tensor(float("inf")) if k == 0 else kth_largest(mag, k, checked=True).float().cpu()
+
+    # The selection (numpy, one core) of task t overlaps building task t+1's |tau| (torch):
+    # at most two whole task vectors are alive at once.
+    out: list = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-select") as pool:
+        for t in range(n_tasks):
+            mag = tau_of(t).abs_()  # tau_of gives a fresh tensor
+            if t >= 1:
+                out[t - 1] = out[t - 1].result()
+            out.append(pool.submit(threshold, mag))
+            del mag
+        out[-1] = out[-1].result()
     return {"thresholds": out}
 
 
