@@ -10,6 +10,7 @@ gets extra read-only passes over the inputs before the writing pass.
 """
 from __future__ import annotations
 
+import math
 import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -75,9 +76,7 @@ class TaskVectors:
 
 
 def _is_floating(ckpt: Checkpoint, name: str) -> bool:
-    from mergeflow.io.writer import tensor_dtype
-
-    return tensor_dtype(ckpt, name).is_floating_point
+    return ckpt.tensor_dtype(name).is_floating_point
 
 
 BLOCK_CPU = 1 << 18  # elements per block of a block-wise method: temporaries stay in cache
@@ -94,10 +93,7 @@ def _load(base: Checkpoint, sources: Sequence[TaskVectors], name: str):
 
 
 def _input_bytes(base: Checkpoint, sources: Sequence[TaskVectors], name: str) -> int:
-    n = 1
-    for d in base.shape(name):
-        n *= d
-    return n * (1 + len(sources)) * torch.empty((), dtype=base.tensor_dtype(name)).element_size()
+    return math.prod(base.shape(name)) * (1 + len(sources)) * base.tensor_dtype(name).itemsize
 
 
 def _prefetched(base: Checkpoint, sources: Sequence[TaskVectors], names: Sequence[str]) -> Iterator[tuple[str, Any]]:
@@ -254,7 +250,7 @@ def merge(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: 
         shape = tuple(base.shape(name))
         for out, blk in zip(outs, blocks):
             if name not in out:
-                if start == 0 and blk.numel() == _numel(shape):
+                if start == 0 and blk.numel() == math.prod(shape):
                     out[name] = blk.cpu().reshape(shape)
                     continue
                 out[name] = torch.empty(shape, dtype=blk.dtype)
@@ -301,13 +297,6 @@ def merge_to_disk(method: Method, base: Checkpoint, sources: Sequence[TaskVector
         for w in entered:
             w.__exit__(None, None, None)
     return [out_dir / f"task_{i}" for i in range(len(sources))]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class MemoryCheckpoint:

@@ -14,6 +14,7 @@ pages are file-backed, so the kernel can drop them; one file is mapped at a time
 """
 from __future__ import annotations
 
+import math
 import json
 import os
 import pickle
@@ -69,7 +70,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class Checkpoint:
@@ -169,7 +170,7 @@ class Checkpoint:
         """The dominant floating dtype of the checkpoint (what merged outputs are written in)."""
         counts: dict[torch.dtype, int] = {}
         for info in self._infos.values():
-            counts[info.dtype] = counts.get(info.dtype, 0) + _numel(info.shape)
+            counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
         floats = {k: v for k, v in counts.items() if k in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
         return max(floats, key=floats.get) if floats else torch.float32
 
@@ -338,13 +339,6 @@ def _pread_full(fd: int, buf: memoryview, offset: int) -> None:
         if n == 0:
             raise EOFError(f"file ends {len(buf) - done} bytes early (truncated since it was opened)")
         done += n
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _is_count(x) -> bool:

@@ -11,6 +11,7 @@ Everything is written inside a temporary directory renamed into place on success
 """
 from __future__ import annotations
 
+import math
 import json
 import os
 import shutil
@@ -22,22 +23,10 @@ import torch
 
 from mergeflow.errors import MergeflowError
 from mergeflow.io.atomic import atomic_dir
-from mergeflow.io.checkpoint import INDEX_NAME, WEIGHTS_NAME, Checkpoint
+from mergeflow.io.checkpoint import INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Checkpoint
 
-ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        ST_DTYPES[getattr(torch, _name)] = _code
-TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+CODES = {dt: code for code, dt in ST_DTYPES.items()}  # torch dtype -> safetensors code
 COPIED_FILES = ("config.json", "generation_config.json")  # small files a loader needs beside the weights
-
-
-def tensor_dtype(ckpt: Checkpoint, name: str) -> torch.dtype:
-    """The stored dtype of one tensor of ``ckpt``, read from its header."""
-    return ckpt.tensor_dtype(name)
 
 
 def shard_layout(ckpt: Checkpoint) -> dict[str, list[str]]:
@@ -57,8 +46,8 @@ class _File:
         header: dict = {"__metadata__": dict(metadata)}
         pos = 0
         for name, (dtype, shape) in entries.items():
-            size = _numel(shape) * _itemsize(dtype)
-            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size]}
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [pos, pos + size]}
             self.offsets[name] = pos
             pos += size
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -80,7 +69,7 @@ class _File:
     def write_block(self, name: str, start: int, flat: torch.Tensor) -> None:
         """Elements ``start .. start + numel`` of the flattened tensor ``name``."""
         dtype, shape = self.entries[name]
-        n = _numel(shape)
+        n = math.prod(shape)
         if flat.dim() != 1 or start < 0 or start + flat.numel() > n:
             raise MergeflowError(f"{self.path.name}: tensor {name}: block [{start}, {start + flat.numel()}) is outside its {n} elements")
         data = flat.detach().to(device="cpu", dtype=dtype).contiguous()
@@ -117,7 +106,7 @@ class CheckpointWriter:
         self._file_of: dict[str, _File] = {}
 
     def _out_dtype(self, name: str) -> torch.dtype:
-        dt = tensor_dtype(self.like, name)
+        dt = self.like.tensor_dtype(name)
         return self.dtype if self.dtype is not None and dt.is_floating_point else dt
 
     def __enter__(self) -> "CheckpointWriter":
@@ -187,17 +176,6 @@ class CheckpointWriter:
                 pass
         self._files.clear()
         self._stack.__exit__(*(exc_info or (MergeflowError, MergeflowError("aborted"), None)))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
