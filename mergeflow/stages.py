@@ -7,6 +7,7 @@ these; nothing here knows about either.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -202,8 +203,8 @@ def merge(p: Params, root: Path, log: Log = _noop) -> dict:
 
 def _floating_params(ckpt: Checkpoint) -> tuple[int, int]:
     """(floating parameters of one model, bytes per parameter in the base's dtype)."""
-    n = sum(t.numel() for _, t in ckpt.items() if t.is_floating_point())
-    return n, torch.empty((), dtype=ckpt.dtype()).element_size()
+    n = sum(math.prod(ckpt.shape(name)) for name in ckpt.names() if ckpt.tensor_dtype(name).is_floating_point)
+    return n, ckpt.dtype().itemsize
 
 
 # --- evaluate ---------------------------------------------------------------------------
