@@ -61,6 +61,7 @@ class CompressParams(_Section):
     method: Literal["tswitch"] = "tswitch"
     drop: float = Field(0.6, ge=0.0, le=1.0)
     encoding: Literal["auto", "bitmap", "ans"] = "auto"
+    queries: int = Field(100, ge=1, description="Auto-Switch query samples per task (from the train split)")
 
 
 class MergeParams(_Section):
@@ -85,8 +86,8 @@ class MergeParams(_Section):
                 raise ValueError(f"{name}: not a method section ({exc})") from None
             if not isinstance(options, dict):
                 raise ValueError(f"{name}: expected a mapping of hyper-parameters, got {options!r}")
-            if name == "tswitch" and "drop" in options:
-                raise ValueError("tswitch.drop: the pipeline's switches come from the compress stage: set compress.drop")
+            if name in ("tswitch", "autoswitch") and "drop" in options:
+                raise ValueError(f"{name}.drop: the pipeline's switches come from the compress stage: set compress.drop")
             try:
                 method.hyper(options, where=f"{name}.")
             except MergeflowError as exc:

@@ -29,6 +29,7 @@ from mergeflow.vectors import extract_task_vector
 Log = Callable[[str], None]
 STAGES = ("download", "extract", "compress", "merge", "evaluate")
 SWITCH_SUFFIX = ".switch.safetensors"
+QUERIES_NAME = "queries.safetensors"  # Auto-Switch's query set, beside the switches
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def extract(p: Params, root: Path, log: Log = _noop) -> dict:
 # --- compress ---------------------------------------------------------------------------
 
 def compress(p: Params, root: Path, log: Log = _noop) -> dict:
-    """T-Switch every task vector and store it in the binary switch format."""
+    """T-Switch every task vector and store it in the binary switch format; Auto-Switch's query set beside."""
     lay = Layout(root)
     stats = {}
     with atomic_dir(lay.switches) as out:
@@ -163,7 +164,24 @@ def compress(p: Params, root: Path, log: Log = _noop) -> dict:
             log(f"compress: {task}: {st.bits_per_param:.3f} bits/param (floor {st.entropy_floor_bits:.3f}), "
                 f"{st.file_bytes:,} bytes = {stats[task]['ratio_to_float32']:.4f} of float32")
         write_json(out / "stats.json", {"drop": p.compress.drop, "encoding": p.compress.encoding, "tasks": stats})
+        queries = build_queries(p, lay)
+        queries.save(out / QUERIES_NAME)
+        log(f"compress: Auto-Switch query set: {p.compress.queries} per task, {queries.nbytes:,} bytes")
     return stats
+
+
+def build_queries(p: Params, lay: "Layout"):
+    """Auto-Switch's query set: ``compress.queries`` train samples per task, embedded by the base."""
+    from mergeflow.autoswitch import sample_queries
+    from mergeflow.models import vision
+
+    base = Checkpoint(_require(lay.checkpoints / "base", "download"))
+    model = vision.build_model(vision.load_config(lay.checkpoints / "base"), base.state_dict(), device=resolve_device(p.device))
+    train = {}
+    for task in tasks_of(p, lay):
+        x, _ = vision.load_split(_require(lay.data / task, "download"), "train")
+        train[task] = vision.image_embeddings(model, x).cpu()
+    return sample_queries(train, p.compress.queries, seed=p.seed)
 
 
 # --- merge ------------------------------------------------------------------------------
@@ -180,12 +198,16 @@ def merge(p: Params, root: Path, log: Log = _noop) -> dict:
             method = methods.get(name)
             dst = out / name
             dst.mkdir()
-            if name == "tswitch":
-                # T-Switch's compact form is the switches themselves: the task model is built on load.
-                for task in tasks:
-                    shutil.copyfile(_require(lay.switches / f"{task}{SWITCH_SUFFIX}", "compress"), dst / f"{task}{SWITCH_SUFFIX}")
-                storage = sum((dst / f"{t}{SWITCH_SUFFIX}").stat().st_size for t in tasks)
+            if name in ("tswitch", "autoswitch"):
+                # T-Switch's compact form is the switches themselves: the task model is built on load;
+                # Auto-Switch keeps its query set beside them.
+                files = [f"{task}{SWITCH_SUFFIX}" for task in tasks] + ([QUERIES_NAME] if name == "autoswitch" else [])
+                for f in files:
+                    shutil.copyfile(_require(lay.switches / f, "compress"), dst / f)
+                storage = sum((dst / f).stat().st_size for f in files)
                 info = {"store": "switches", "drop": p.compress.drop}
+                if name == "autoswitch":
+                    info |= {k: v for k, v in p.merge.hyper(name).items() if k != "drop"} | {"queries": p.compress.queries}
             else:
                 hp = p.merge.hyper(name)
                 sources = [TaskVectors.from_vector(base, _require(lay.vectors / f"{t}.safetensors", "extract")) for t in tasks]
@@ -266,6 +288,14 @@ def evaluate(p: Params, root: Path, log: Log = _noop) -> dict:
     }
     for name in p.merge.methods:
         meta = json.loads(_require(lay.merged / name / "method.json", "merge").read_text())
+        if name == "autoswitch":
+            for mode, (acc, routing) in evaluate_autoswitch(lay, tasks, meta, config, base_sd, data, heads, device,
+                                                            p.seed, p.evaluate.batch_size).items():
+                row = ev.entry(acc, expert_acc, meta["storage_bytes"], tv_bytes, routing_acc=routing, method=name, mode=mode)
+                metrics["methods"][f"autoswitch_{mode}"] = row
+                log(f"evaluate: autoswitch ({mode}): acc {row['acc_avg']:.4f}, normalised {row['norm_acc_avg']:.4f}, "
+                    f"routing {routing:.4f}")
+            continue
         acc = {task: score(sd, task) for task, sd in task_state_dicts(lay, name, tasks, base_sd)}
         metrics["methods"][name] = ev.entry(acc, expert_acc, meta["storage_bytes"], tv_bytes)
         log(f"evaluate: {name}: acc {metrics['methods'][name]['acc_avg']:.4f}, normalised {metrics['methods'][name]['norm_acc_avg']:.4f}")
@@ -285,3 +315,50 @@ def evaluate(p: Params, root: Path, log: Log = _noop) -> dict:
 
             plot_all(metrics, out / "plots")
     return metrics
+
+
+def evaluate_autoswitch(lay: Layout, tasks: list[str], meta: dict, config, base_sd: dict[str, torch.Tensor],
+                        data: dict, heads: dict, device: torch.device, seed: int, embed_batch: int) -> dict:
+    """Auto-Switch on shuffled mixed-task test batches, in every routing mode.
+
+    Each input is routed by its base-model embedding; in each batch every distinct switch
+    combination is applied once, in place, to one model (``mergeflow.runtime``), and each
+    input is classified by its own task's head. Returns {mode: (acc per task, routing acc)}.
+    """
+    from mergeflow.autoswitch import MODES, QuerySet, combine, group_rows, route, routing_accuracy
+    from mergeflow.models import vision
+    from mergeflow.runtime import SwitchRuntime
+
+    folder = lay.merged / "autoswitch"
+    queries = QuerySet.load(folder / QUERIES_NAME)
+    if queries.tasks != tasks:
+        raise MergeflowError(f"{folder / QUERIES_NAME}: query set tasks {queries.tasks} differ from {tasks}")
+    switches = {t: load_switch(folder / f"{t}{SWITCH_SUFFIX}") for t in tasks}
+    model = vision.build_model(config, {k: v.clone() for k, v in base_sd.items()}, device=device)
+    runtime = SwitchRuntime(dict(model.state_dict()), switches, workers=1)  # small models: no thread hand-offs
+    xs = torch.cat([data[t][0] for t in tasks])
+    ys = torch.cat([data[t][1] for t in tasks])
+    task_of = torch.cat([torch.full((len(data[t][1]),), i) for i, t in enumerate(tasks)])
+    order = torch.randperm(len(ys), generator=torch.Generator().manual_seed(seed))
+    routed = route(queries, vision.image_embeddings(model, xs, embed_batch).cpu(), meta["k"])
+    results = {}
+    for mode in MODES:
+        correct = torch.zeros(len(ys), dtype=torch.bool)
+        weights_all = torch.empty_like(routed)
+        for start in range(0, len(order), meta["batch_size"]):
+            rows = order[start:start + meta["batch_size"]]
+            weights = combine(routed[rows], mode)
+            weights_all[rows] = weights
+            for w, idx in group_rows(weights):
+                sel = rows[idx]
+                with runtime.use({t: float(w[i]) for i, t in enumerate(tasks) if float(w[i]) != 0.0}):
+                    emb = vision.image_embeddings(model, xs[sel], embed_batch)
+                for i, t in enumerate(tasks):
+                    mine = task_of[sel] == i
+                    if mine.any():
+                        head, scale = heads[t]
+                        pred = (scale * emb[mine.to(emb.device)] @ head.to(emb).T).argmax(-1).cpu()
+                        correct[sel[mine]] = pred == ys[sel[mine]]
+        acc = {t: float(correct[task_of == i].float().mean()) for i, t in enumerate(tasks)}
+        results[mode] = (acc, routing_accuracy(weights_all, task_of))
+    return results

@@ -17,14 +17,14 @@ from mergeflow.stages import Layout
 STAGE_PARAMS = {
     "download": ("seed", "download"),
     "extract": ("extract",),
-    "compress": ("extract", "compress"),
+    "compress": ("seed", "device", "extract", "compress"),
     "merge": ("seed", "device", "extract", "merge"),
-    "evaluate": ("device", "extract", "merge", "evaluate"),
+    "evaluate": ("seed", "device", "extract", "merge", "evaluate"),
 }
 UPSTREAM = {
     "download": (),
     "extract": ("download",),
-    "compress": ("extract",),
+    "compress": ("download", "extract"),
     "merge": ("download", "extract", "compress"),
     "evaluate": ("download", "compress", "merge"),
 }

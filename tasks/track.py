@@ -61,9 +61,10 @@ def log_run(p: Params, root: Path, metrics: dict, stage_runs: list[dict], tags: 
         mlflow.log_metrics({f"stage_seconds.{r['stage']}": r["seconds"] for r in stage_runs})
         for name, row in metrics["methods"].items():
             with mlflow.start_run(experiment_id=exp, run_name=name, nested=True, tags=run_tags | {"mergeflow.method": name}):
-                hp = {"drop": params["compress"]["drop"]} if name == "tswitch" else p.merge.hyper(name)
-                mlflow.log_params({"method": name, **hp})
-                mlflow.log_metrics(_metrics(row))
+                method = row.get("method", name)  # Auto-Switch reports one row per routing mode
+                hp = p.merge.hyper(method) | ({"drop": params["compress"]["drop"]} if method in ("tswitch", "autoswitch") else {})
+                mlflow.log_params({"method": method, **hp, **({"mode": row["mode"]} if "mode" in row else {})})
+                mlflow.log_metrics(_metrics(row) | ({"routing_acc": float(row["routing_acc"])} if "routing_acc" in row else {}))
         eval_dir = root / "artifacts" / "eval"
         mlflow.log_artifacts(str(eval_dir), artifact_path="eval")
         if (root / "params.yaml").exists():

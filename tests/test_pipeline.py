@@ -35,6 +35,9 @@ def workspace(tmp_path_factory):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["experiment"] = "pipeline-test"
     params["download"]["zoo"] = SMALL_ZOO
+    params["merge"]["methods"] = [*params["merge"]["methods"], "autoswitch"]
+    params["merge"]["autoswitch"] = {"k": 5}
+    params["compress"]["queries"] = 20
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], ws)
     sh(["git", "config", "user.email", "t@example.com"], ws)
@@ -43,6 +46,11 @@ def workspace(tmp_path_factory):
     sh(["git", "add", "-A"], ws)
     sh(["git", "commit", "-qm", "init"], ws)
     return ws
+
+
+def reported(methods: list[str]) -> list[str]:
+    """The rows metrics.json has for the listed methods: Auto-Switch has one per routing mode."""
+    return [r for m in methods for r in ([f"autoswitch_{mode}" for mode in ("batch", "sample", "hard")] if m == "autoswitch" else [m])]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +66,16 @@ def test_metrics_contract(workspace, first_run):
     metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
     tasks = json.loads((workspace / "artifacts/sources.json").read_text())["tasks"]
     assert len(tasks) == 2
-    listed = yaml.safe_load((workspace / "params.yaml").read_text())["merge"]["methods"]
+    listed = reported(yaml.safe_load((workspace / "params.yaml").read_text())["merge"]["methods"])
     assert set(metrics["methods"]) == set(listed) >= {"weight_average", "task_arithmetic", "ties", "emr", "tall_mask", "tswitch"}
+    # Auto-Switch: one row per routing mode, with routing accuracy; its storage counts the query set
+    queries = (workspace / "artifacts/merged/autoswitch/queries.safetensors").stat().st_size
+    data = 2 * 20 * (4 * 32 + 8)  # 20 queries per task: float32 embeddings (projection dim 32) + int64 labels
+    assert data < queries < data + 1024  # plus a safetensors header
+    for mode in ("batch", "sample", "hard"):
+        row = metrics["methods"][f"autoswitch_{mode}"]
+        assert 0.0 <= row["routing_acc"] <= 1.0
+        assert row["storage_bytes"] == metrics["methods"]["tswitch"]["storage_bytes"] + queries
     for row in [metrics["base"], metrics["experts"], *metrics["methods"].values()]:
         assert set(row["acc"]) == set(tasks)
         assert all(0.0 <= a <= 1.0 for a in row["acc"].values())
@@ -103,7 +119,7 @@ def test_mlflow_record(workspace, first_run):
     assert parent.data.tags["dvc_lock_sha256"] and parent.data.tags["git_commit"]
     assert "experts.acc_avg" in parent.data.metrics and "switches.bits_per_param" in parent.data.metrics
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    listed = yaml.safe_load((workspace / "params.yaml").read_text())["merge"]["methods"]
+    listed = reported(yaml.safe_load((workspace / "params.yaml").read_text())["merge"]["methods"])
     assert {c.data.tags["mergeflow.method"] for c in children} == set(listed)
     metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
     ta = next(c for c in children if c.data.tags["mergeflow.method"] == "task_arithmetic")

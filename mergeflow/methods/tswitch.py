@@ -13,6 +13,7 @@ from typing import Iterable, Mapping
 import torch
 
 from mergeflow.codecs.switch import Switch, SwitchTensor
+from mergeflow.errors import MergeflowError
 from mergeflow.methods import Param, register
 from mergeflow.select import kth_largest
 
@@ -80,6 +81,23 @@ def tswitch(name, base, taus, drop):
             ternary, scale = ternarize(tau, drop)
             out.append(ternary.float() * scale)
     return out
+
+
+@register(
+    "autoswitch",
+    dynamic=True,
+    params={"drop": DROP,
+            "k": Param(10, "nearest queries that vote for the tasks' switches (10 ViT, 5 RoBERTa)", low=1),
+            "batch_size": Param(128, "inputs per shuffled mixed-task batch at evaluation", low=1)},
+    reference="Qi et al., Less is More: Efficient Model Merging with Binary Task Switch, CVPR 2025 (Auto-Switch)",
+)
+def autoswitch(name, base, taus, drop, k, batch_size):
+    """T-Switch's switches routed per input by k-nearest-neighbour retrieval (task identity unknown).
+
+    Routing needs a query set of embedded samples, so it runs in the pipeline (or through
+    ``mergeflow.runtime``); per tensor the switches are T-Switch's."""
+    raise MergeflowError("autoswitch routes each input at inference: run it in the pipeline (merge.methods) "
+                         "or serve it with mergeflow.runtime; `mergeflow merge --method tswitch --set store=switches` writes its switches")
 
 
 def apply_switch(base, switch: Switch, source: str = "switch") -> dict[str, torch.Tensor]:
