@@ -234,17 +234,7 @@ def global_threshold(tensors: Iterable[torch.Tensor] | Callable[[], Iterable[tor
     if k < 1:
         raise ValueError(f"k={k} must be >= 1")
     source = tensors if callable(tensors) else (lambda held=list(tensors): held)
-
-    def keys() -> Iterator[Keys]:
-        for t in source():
-            flat = t.detach().reshape(-1)
-            flat = flat if flat.dtype == torch.float32 else flat.float()
-            for c in _keys(flat, clear_sign=True)():  # a cleared sign bit is |x|
-                if _count(c > _F32_INF):
-                    raise ValueError("tensors contain NaN: no magnitude threshold is defined")
-                yield c
-
-    return torch.tensor(_radix(keys, k, 32), dtype=torch.int32).view(torch.float32)
+    return global_thresholds(lambda: ((t,) for t in source()), [k])[0]
 
 
 def global_thresholds(groups: Callable[[], Iterable[Sequence[torch.Tensor]]], ks: Sequence[int]) -> list[torch.Tensor]:

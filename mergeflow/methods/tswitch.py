@@ -104,8 +104,6 @@ def apply_switch(base, switch: Switch, source: str = "switch") -> dict[str, torc
     """The task model theta_0 + s * B as a state dict in the base's dtypes.
 
     ``base`` is a Checkpoint or a state dict (anything with ``items()``)."""
-    from mergeflow.errors import MergeflowError
-
     base_items = list(base.items())
     names = {n for n, _ in base_items}
     for name in [*switch.tensors, *switch.dense, *switch.skipped]:
