@@ -25,7 +25,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -176,14 +176,18 @@ class Checkpoint:
 
     # --- data -----------------------------------------------------------------------------
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor, freshly allocated on the CPU (the caller owns it; nothing else is kept)."""
+    def get(self, name: str, alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """One tensor, freshly allocated on the CPU (the caller owns it; nothing else is kept).
+
+        ``alloc(nbytes)`` may supply the memory instead: a uint8 CPU tensor of at least
+        ``nbytes`` (the engine passes reused buffers: fresh memory costs a page fault per page)."""
         info = self.info(name)
         if info.start < 0:
             return self._get_torch(name, info)
         if sys.byteorder != "little":
             raise MergeflowError(f"{info.file}: tensor {name} cannot be read: safetensors needs a little-endian host")
-        buf = torch.empty(info.end - info.start, dtype=torch.uint8)
+        nbytes = info.end - info.start
+        buf = torch.empty(nbytes, dtype=torch.uint8) if alloc is None else alloc(nbytes)[:nbytes]
         if len(buf):
             try:
                 _pread_full(self._fd(info.file), memoryview(buf.numpy()), info.start)

@@ -18,8 +18,15 @@ Arithmetic; TIES given its trim thresholds) registers ``blockwise=True`` (or a p
 its hyper-parameters) and, if it needs them, ``tensor_stats(name, tau_of, n_tasks, hp,
 ctx) -> stats``, where ``tau_of(t)`` is task t's whole float32 task vector of the tensor;
 the engine then calls ``fn`` on flat slices of the tensor with ``stats=stats``, so big
-tensors never sit in memory in float32 for every task at once. Called directly on whole
-tensors (``Method.__call__``), ``fn`` gets no ``stats`` and computes them itself.
+tensors never sit in memory in float32 for every task at once. ``tau_of.kth_abs(t, k)``
+gives the exact k-th largest |tau_t| of the tensor without building tau_t where a fused
+kernel can, and ``tau_of.map(fn, ts)`` runs per-task work on the engine's threads.
+Called directly on whole tensors (``Method.__call__``), ``fn`` gets no ``stats`` and
+computes them itself. A block-wise method may also register ``kernel(base, fts, subtract,
+out, hp, stats)``: the same block computed by a fused CPU kernel (``mergeflow.kernels``)
+straight from the checkpoints' dtype; the engine uses it where it applies and the merge has
+at least ``kernel_min`` floating elements x tasks (see ``mergeflow.kernels``); it must give
+what ``fn`` gives (tested against each other).
 ``storage(n, n_tasks, itemsize) -> bytes`` gives what the method's compact form keeps
 besides the base for ``n`` floating parameters per model (default: one model for a static
 method, one per task for a dynamic one).
@@ -76,6 +83,8 @@ class Method:
     storage: Callable[[int, int, int], int] | None = None
     blockwise: bool | Callable[[dict], bool] = False
     tensor_stats: Callable[..., Any] | None = None
+    kernel: Callable[..., None] | None = None
+    kernel_min: int = 0
 
     def is_blockwise(self, hp: dict) -> bool:
         return bool(self.blockwise(hp) if callable(self.blockwise) else self.blockwise)
@@ -107,7 +116,8 @@ _REGISTRY: dict[str, Method] = {}
 
 def register(name: str, *, dynamic: bool = False, params: dict[str, Param] | None = None, reference: str = "",
              summary: str = "", prepare: Callable[..., Any] | None = None, storage: Callable[[int, int, int], int] | None = None,
-             blockwise: bool | Callable[[dict], bool] = False, tensor_stats: Callable[..., Any] | None = None):
+             blockwise: bool | Callable[[dict], bool] = False, tensor_stats: Callable[..., Any] | None = None,
+             kernel: Callable[..., None] | None = None, kernel_min: int = 0):
     """Decorator adding a per-tensor merge function to the registry under ``name``."""
 
     def wrap(fn):
@@ -115,7 +125,7 @@ def register(name: str, *, dynamic: bool = False, params: dict[str, Param] | Non
             raise ValueError(f"method {name} registered twice")
         summary_ = summary or (fn.__doc__ or "").strip().split("\n")[0]
         _REGISTRY[name] = Method(name, fn, dynamic, dict(params or {}), reference, summary_, prepare, storage,
-                                 blockwise, tensor_stats)
+                                 blockwise, tensor_stats, kernel, kernel_min)
         return fn
 
     return wrap

@@ -9,13 +9,13 @@ Consensus merging.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import torch
 
+from mergeflow import kernels
 from mergeflow.methods import Param, register
-from mergeflow.select import global_thresholds, kth_largest, magnitude_mask
+from mergeflow.select import global_thresholds, magnitude_mask
 
 DENSITY = Param(0.2, "share of each task vector kept by magnitude (trim)", low=0.0, high=1.0)
 SCOPE = Param("tensor", "trim threshold per tensor, or one across the whole model", choices=("tensor", "global"))
@@ -63,29 +63,23 @@ def prepare_ties(stream, hp) -> dict:
 
 def trim_thresholds(name, tau_of, n_tasks: int, hp, ctx) -> dict:
     """Per-tensor stats for block-wise TIES: each task's trim threshold on this tensor
-    (|tau| >= threshold is kept; +inf keeps nothing, 0 everything)."""
+    (|tau| >= threshold is kept; +inf keeps nothing, 0 everything), the tasks in parallel."""
     if (ctx or {}).get("thresholds"):
         return {"thresholds": ctx["thresholds"]}
     density = hp["density"]
 
-    def threshold(mag: torch.Tensor) -> torch.Tensor:
-        k = int(density * mag.numel())
-        if k >= mag.numel():
-            return torch.tensor(0.0)
-        return torch.tensor(float("inf")) if k == 0 else kth_largest(mag, k, checked=True).float().cpu()
+    def threshold(t: int) -> float:
+        n = tau_of.numel
+        k = int(density * n)
+        if k >= n:
+            return 0.0
+        return float("inf") if k == 0 else tau_of.kth_abs(t, k)
 
-    # The selection (numpy, one core) of task t overlaps building task t+1's |tau| (torch):
-    # at most two whole task vectors are alive at once.
-    out: list = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-select") as pool:
-        for t in range(n_tasks):
-            mag = tau_of(t).abs_()  # tau_of gives a fresh tensor
-            if t >= 1:
-                out[t - 1] = out[t - 1].result()
-            out.append(pool.submit(threshold, mag))
-            del mag
-        out[-1] = out[-1].result()
-    return {"thresholds": out}
+    return {"thresholds": [torch.tensor(x, dtype=torch.float32) for x in tau_of.map(threshold, range(n_tasks))]}
+
+
+def _kernel(base, fts, subtract, out, hp, stats):
+    kernels.ties_block(base, fts, subtract, [float(x) for x in stats["thresholds"]], hp["scaling"], out)
 
 
 def ties_vector(taus: Sequence[torch.Tensor], density: float, ctx: dict | None = None, stats: dict | None = None) -> torch.Tensor:
@@ -102,6 +96,7 @@ def ties_vector(taus: Sequence[torch.Tensor], density: float, ctx: dict | None =
     prepare=prepare_ties,
     blockwise=True,
     tensor_stats=trim_thresholds,
+    kernel=_kernel,
 )
 def ties(name, base, taus, density, scaling, scope, ctx=None, stats=None):
     """Trim each task vector, elect signs, average the agreeing entries."""

@@ -1,0 +1,164 @@
+"""Fused CPU kernels for the engine's hot loops (numba, compiled once and cached on disk).
+
+The torch path of a block-wise merge spends most of its time in memory traffic between
+small elementwise ops: widen bf16 to float32, subtract the base, take |tau|, compare, mask,
+sum, ... each a pass over the block. These kernels do the whole per-element recipe in one
+pass over tiles that stay in L1, reading the checkpoints' own dtype (bfloat16 bits as
+uint16, or float32) and releasing the GIL, so the engine's block threads run them in
+parallel. Arithmetic is float32 in the same order as the torch code it replaces (no
+fast-math), so the two agree to the last bit or within an FMA's rounding.
+
+Kernels:
+  ``linear_block``  out = base + sum_t w_t * tau_t          (Task Arithmetic, weight averaging)
+  ``ties_block``    out = base + s * disjoint_mean(trim_t(tau_t))  (TIES with known thresholds)
+  ``kth_abs_tau``   exact k-th largest |tau| of one tensor, tau never materialised: a sampled
+                    bracket and one counting pass that gathers the few keys inside it, or
+                    (if the bracket misses) radix histograms over narrowing key ranges.
+
+``MERGEFLOW_KERNELS`` picks where the engine uses them: ``auto`` (default) wherever they
+pay for numba's one-time start-up in the process (~0.6 s: its import and loading the cached
+machine code; a method states from how many elements x tasks on, selection always pays),
+``numba`` everywhere they apply, ``torch`` nowhere. The engine falls back to torch ops where
+they do not apply (CUDA, float16/float64 inputs, mixed task-vector sources).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+
+_SAMPLE = 1 << 16
+_SAMPLE_MIN_N = 1 << 20
+_KEY_MAX = 0x7FFFFFFF  # |float32| keys (sign cleared); finite inputs stay <= +inf's key
+
+
+MODES = ("auto", "numba", "torch")
+
+
+def mode() -> str:
+    m = os.environ.get("MERGEFLOW_KERNELS", "auto").strip().lower() or "auto"
+    if m not in MODES:
+        from mergeflow.errors import MergeflowError
+
+        raise MergeflowError(f"MERGEFLOW_KERNELS: {m!r} is not one of {', '.join(MODES)}")
+    return m
+
+
+def wanted(elements: int, min_elements: int) -> bool:
+    """Whether to use a kernel for work of ``elements`` (x tasks) that pays from ``min_elements``."""
+    m = mode()
+    return m != "torch" and (m == "numba" or elements >= min_elements) and available()
+
+
+def available() -> bool:
+    return mode() != "torch" and _numba() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _numba():
+    try:
+        from mergeflow import _kernels_nb
+    except ImportError:  # pragma: no cover - numba is a dependency; this keeps a broken install usable
+        return None
+    return _kernels_nb
+
+
+def supported(t: torch.Tensor) -> bool:
+    """Whether a kernel reads this dtype directly (others are widened by torch first)."""
+    return t.dtype in (torch.bfloat16, torch.float32)
+
+
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as the kernels' numpy view: bfloat16 as its uint16 bits, float32 as is."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy()
+    if t.dtype != torch.float32:
+        t = t.float()
+    return t.numpy()
+
+
+def _k(name: str):
+    ks = _numba()
+    if ks is None:
+        raise RuntimeError("mergeflow kernels are not available (numba missing or MERGEFLOW_KERNELS=torch)")
+    return getattr(ks, name)
+
+
+def linear_block(base: np.ndarray, fts: np.ndarray, subtract: bool, weights: np.ndarray, out: np.ndarray,
+                 divisor: float = 1.0) -> None:
+    """out = base + (sum_t weights[t] * tau_t) / divisor, summed in task order."""
+    _k("linear_block")(base, fts, subtract, np.asarray(weights, np.float32), np.float32(divisor), out)
+
+
+def ties_block(base: np.ndarray, fts: np.ndarray, subtract: bool, thresholds: np.ndarray, scaling: float, out: np.ndarray) -> None:
+    """out = base + scaling * disjoint_mean(tau_t trimmed to |tau_t| >= thresholds[t])."""
+    _k("ties_block")(base, fts, subtract, np.asarray(thresholds, np.float32), np.float32(scaling), out)
+
+
+def _pick_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest, its rank among that bin's keys)."""
+    from_top = np.cumsum(hist[::-1])
+    i = int(np.searchsorted(from_top, k))
+    return hist.size - 1 - i, k - (int(from_top[i - 1]) if i else 0)
+
+
+def kth_abs_tau(base: np.ndarray, ft: np.ndarray, subtract: bool, k: int) -> float:
+    """Exact k-th largest |ft - base| (|ft| if not ``subtract``) in float32, 1 <= k <= n.
+
+    A strided sample brackets the answer's key; one pass counts the keys above the bracket
+    and histograms (and, while they fit, gathers) those inside it. The answer is then
+    selected among the gathered keys, or is the only key of its histogram bin (bf16
+    fine-tunes give few distinct |tau| values, so this is the usual case), or the next pass
+    scans just that bin's key range. If the bracket missed, the same runs from the whole
+    key range. Inputs are finite (the engine checked them); ties are ordinary keys and -0.0
+    counts as 0.
+    """
+    n = ft.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} is out of range for {n} values (1 <= k <= numel)")
+    scan, select = _k("scan_keys"), _k("select_keys")
+    lo, hi, r, bracketed = 0, _KEY_MAX, k, False
+    if n >= _SAMPLE_MIN_N:
+        stride = n // _SAMPLE
+        sample = np.empty((n + stride - 1) // stride, np.uint32)
+        _k("sample_keys")(base, ft, subtract, stride, sample)
+        lo, hi = _bracket(sample, k / n)
+        bracketed = True
+    band = np.empty(max(1 << 16, n >> 5), np.uint32)
+    while True:
+        shift = max(0, (hi - lo).bit_length() - 16)
+        bins = ((hi - lo) >> shift) + 1
+        hist, bmin, bmax = np.zeros(bins, np.int64), np.full(bins, _KEY_MAX, np.uint32), np.zeros(bins, np.uint32)
+        ge, inside = scan(base, ft, subtract, lo, hi, shift, hist, bmin, bmax, band)
+        if bracketed:
+            bracketed = False
+            above = ge - inside
+            if not above < k <= above + inside:  # the sample misled us: start over from every key
+                lo, hi, r = 0, _KEY_MAX, k
+                continue
+            r = k - above
+        if inside <= band.size:
+            return _float(int(select(band[:inside], lo, hi, r)))
+        j, r = _pick_from_top(hist, r)
+        if bmin[j] == bmax[j]:
+            return _float(int(bmin[j]))
+        lo, hi = int(bmin[j]), int(bmax[j])
+
+
+def _bracket(sample: np.ndarray, q: float) -> tuple[int, int]:
+    """Keys [lo, hi] that hold the q-quantile from the top with ~6 sigma of the sample rank."""
+    m = sample.size
+    margin = 6 * math.sqrt(m * q * (1 - q)) + 16
+    r_hi, r_lo = math.floor(q * m - margin), math.ceil(q * m + margin)
+    ranks = [r for r in (r_hi, r_lo) if 1 <= r <= m]
+    part = np.partition(sample, sorted({m - r for r in ranks})) if ranks else sample
+    hi = int(part[m - r_hi]) if r_hi >= 1 else _KEY_MAX
+    lo = int(part[m - r_lo]) if r_lo <= m else 0
+    return lo, hi
+
+
+def _float(key: int) -> float:
+    return float(np.array([key], np.uint32).view(np.float32)[0])
