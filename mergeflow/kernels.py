@@ -140,6 +140,8 @@ def kth_abs_tau(base: np.ndarray, ft: np.ndarray, subtract: bool, k: int) -> flo
                 lo, hi, r = 0, _KEY_MAX, k
                 continue
             r = k - above
+        if lo == hi:  # a one-key band (counted, not gathered) holding the answer
+            return _float(lo)
         if inside <= band.size:
             return _float(int(select(band[:inside], lo, hi, r)))
         j, r = _pick_from_top(hist, r)

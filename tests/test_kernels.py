@@ -1,0 +1,222 @@
+"""The fused CPU kernels against their definitions and against the torch code they replace,
+and the engine giving the same merge through either path."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergeflow import kernels, methods
+from mergeflow.io.checkpoint import Checkpoint
+from mergeflow.merge import ReadBuffers, TaskVectors, merge, merge_to_disk
+from mergeflow.methods.ties import disjoint_mean, trim
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba kernels unavailable")
+
+
+def kth_by_sort(x: torch.Tensor, k: int) -> float:
+    """The definition: sort |x| descending, take the k-th (float32)."""
+    return float(torch.sort(x.float().abs().reshape(-1), descending=True).values[k - 1])
+
+
+def kth_fused(base: torch.Tensor, ft: torch.Tensor, subtract: bool, k: int) -> float:
+    return kernels.kth_abs_tau(kernels.as_array(base.reshape(-1)), kernels.as_array(ft.reshape(-1)), subtract, k)
+
+
+ADVERSARIAL = {
+    "one": lambda g: torch.tensor([-3.5]),
+    "all_equal": lambda g: torch.full((5000,), 0.25),
+    "zeros": lambda g: torch.zeros(3000),
+    "signed_zeros": lambda g: torch.tensor([0.0, -0.0] * 700 + [1.0, -2.0]),
+    "half_zeros": lambda g: torch.cat([torch.zeros(4000), torch.randn(4000, generator=g)]),
+    "denormals": lambda g: torch.randn(6000, generator=g) * 1e-40,
+    "many_ties": lambda g: torch.randint(-3, 4, (9000,), generator=g).float() * 0.5,
+    "huge_and_tiny": lambda g: torch.cat([torch.full((10,), 3e38), torch.randn(4000, generator=g) * 1e-30]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ADVERSARIAL))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kth_abs_adversarial_matches_sort(case, dtype):
+    g = torch.Generator().manual_seed(1)
+    tau = ADVERSARIAL[case](g).to(dtype)
+    n = tau.numel()
+    for k in sorted({1, max(1, n // 5), max(1, n // 2), n}):
+        # as a stored task vector (no subtraction) ...
+        assert kth_fused(torch.zeros_like(tau), tau, False, k) == kth_by_sort(tau, k), (case, k)
+        # ... and as a fine-tune minus a base, tau = f32(ft) - f32(base)
+        base = (torch.randn(n, generator=g) * 0.1).to(dtype)
+        ft = (base.float() + tau.float()).to(dtype)
+        assert kth_fused(base, ft, True, k) == kth_by_sort(ft.float() - base.float(), k), (case, k)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kth_abs_large_random_matches_sort(seed):
+    """Above 1M elements the sampled bracket runs: bf16 fine-tunes (few distinct |tau|, many
+    ties at the threshold) and float32 ones (all distinct), several densities."""
+    g = torch.Generator().manual_seed(seed)
+    n = (1 << 20) + 12345 * seed
+    dtype = torch.bfloat16 if seed % 2 == 0 else torch.float32
+    base = torch.randn(n, generator=g).to(dtype)
+    ft = (base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype)
+    tau = ft.float() - base.float()
+    for q in (0.003, 0.2, 0.9):
+        k = int(q * n)
+        assert kth_fused(base, ft, True, k) == kth_by_sort(tau, k), (dtype, q)
+
+
+def test_kth_abs_when_the_sample_misleads():
+    """A strided sample that sees only the large values: the bracket misses, the full radix
+    passes still give the exact answer."""
+    n = 1 << 21
+    tau = torch.full((n,), 1e-3)
+    stride = n // (1 << 16)
+    tau[::stride] = 5.0
+    k = n // 3
+    assert kth_fused(torch.zeros(n), tau, False, k) == kth_by_sort(tau, k) == pytest.approx(1e-3)
+
+
+def test_kth_abs_rejects_k_out_of_range():
+    x = torch.ones(10)
+    for k in (0, 11):
+        with pytest.raises(ValueError, match="out of range"):
+            kth_fused(x, x, False, k)
+
+
+def stack(*ts):
+    return torch.stack(ts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 1023, 1025, 5000])
+def test_ties_block_equals_torch_ties_bitwise(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(dtype)
+    fts = [(base.float() + 0.05 * torch.randn(n, generator=g)).to(dtype) for _ in range(4)]
+    taus = [f.float() - base.float() for f in fts]
+    thresholds = [0.0, float("inf"), kth_by_sort(taus[2], max(1, n // 5)), kth_by_sort(taus[3], max(1, n // 2))]
+    want = disjoint_mean([trim(t, 0.0, torch.tensor(th)) for t, th in zip(taus, thresholds)]).mul_(0.7).add_(base.float())
+    out = np.empty(n, np.float32)
+    kernels.ties_block(kernels.as_array(base), kernels.as_array(stack(*fts)), True, thresholds, 0.7, out)
+    assert torch.equal(torch.from_numpy(out), want)
+
+
+def test_ties_block_hand_case():
+    """Three tasks on four entries, thresholds keep |tau| >= 1 (METHODS.md: trim, elect, disjoint mean)."""
+    taus = torch.tensor([[2.0, -1.0, 0.5, 1.0], [-3.0, -2.0, 3.0, -1.0], [4.0, 0.5, -1.0, 0.0]])
+    out = np.empty(4, np.float32)
+    kernels.ties_block(np.zeros(4, np.float32), kernels.as_array(taus), False, [1.0, 1.0, 1.0], 1.0, out)
+    # entry 0: kept 2, -3, 4 -> sum 3 > 0 -> mean(2, 4) = 3; entry 1: -1, -2 (0.5 trimmed) -> -1.5;
+    # entry 2: 3, -1 (0.5 trimmed) -> sum 2 > 0 -> 3; entry 3: 1, -1 -> sum 0 -> no sign agrees -> 0
+    assert out.tolist() == [3.0, -1.5, 3.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_block_matches_torch(dtype):
+    g = torch.Generator().manual_seed(3)
+    n = 3001
+    base = torch.randn(n, generator=g).to(dtype)
+    fts = [(base.float() + 0.05 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
+    taus = [f.float() - base.float() for f in fts]
+    want = taus[0] * 0.3
+    for t in taus[1:]:
+        want.add_(t, alpha=0.3)
+    want.add_(base.float())
+    out = np.empty(n, np.float32)
+    kernels.linear_block(kernels.as_array(base), kernels.as_array(stack(*fts)), True, [0.3] * 3, out)
+    torch.testing.assert_close(torch.from_numpy(out), want, rtol=1e-6, atol=1e-7)
+    mean = np.empty(n, np.float32)
+    kernels.linear_block(kernels.as_array(base), kernels.as_array(stack(*fts)), True, [1.0] * 3, mean, divisor=3)
+    torch.testing.assert_close(torch.from_numpy(mean), torch.stack([f.float() for f in fts]).mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_mode_env(monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_KERNELS", "torch")
+    assert not kernels.available() and not kernels.wanted(10**12, 0)
+    monkeypatch.setenv("MERGEFLOW_KERNELS", "numba")
+    assert kernels.wanted(1, 10**12)
+    monkeypatch.setenv("MERGEFLOW_KERNELS", "auto")
+    assert kernels.wanted(10**12, 10**9) and not kernels.wanted(10**6, 10**9)
+    monkeypatch.setenv("MERGEFLOW_KERNELS", "gpu")
+    with pytest.raises(Exception, match="MERGEFLOW_KERNELS"):
+        kernels.mode()
+
+
+# --- the engine: same merge through either path ----------------------------------------------
+
+def _save(path, sd, shards=None):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "tiny"}))
+    if not shards:
+        save_file(sd, str(path / "model.safetensors"))
+        return path
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: sd[n] for n in names}, str(path / fname))
+        weight_map.update({n: fname for n in names})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """bf16 base + 3 fine-tunes, one tensor above 1M elements (sampled selection), sharded base."""
+    root = tmp_path_factory.mktemp("kernels")
+    g = torch.Generator().manual_seed(0)
+    base = {"big.weight": torch.randn(1100, 1000, generator=g).bfloat16(), "small.weight": torch.randn(7, 9, generator=g).bfloat16(),
+            "norm.weight": torch.ones(9), "ids": torch.arange(5)}
+    fts = [{k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in base.items()} for _ in range(3)]
+    b = _save(root / "base", base, [["big.weight", "ids"], ["small.weight", "norm.weight"]])
+    return b, [_save(root / f"ft{i}", sd) for i, sd in enumerate(fts)]
+
+
+def _merge_to(tmp, ckpts, method, hp, mode, monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_KERNELS", mode)
+    b, fts = ckpts
+    base = Checkpoint(b)
+    out = tmp / f"{method}-{mode}"
+    merge_to_disk(methods.get(method), base, [TaskVectors.from_model(base, f) for f in fts], hp, out)
+    return {**load_file(str(out / "model-00001-of-00002.safetensors")), **load_file(str(out / "model-00002-of-00002.safetensors"))}
+
+
+@pytest.mark.parametrize("method,hp", [("ties", {"density": 0.2}), ("ties", {"density": 0.5, "scope": "global"}),
+                                       ("task_arithmetic", {"scaling": 0.4}), ("weight_average", {})])
+def test_engine_same_merge_fused_and_torch(tmp_path, ckpts, monkeypatch, method, hp):
+    fused = _merge_to(tmp_path, ckpts, method, hp, "numba", monkeypatch)
+    plain = _merge_to(tmp_path, ckpts, method, hp, "torch", monkeypatch)
+    assert fused.keys() == plain.keys()
+    for name in plain:
+        assert fused[name].dtype == plain[name].dtype
+        if method == "ties":  # no multiply-add to contract: bit for bit
+            assert torch.equal(fused[name], plain[name]), name
+        else:  # written in bf16: at most one bf16 rounding step apart
+            torch.testing.assert_close(fused[name].float(), plain[name].float(), rtol=1e-2, atol=1e-6)
+
+
+def test_read_buffers_are_reused_and_merge_results_survive_reuse(tmp_path, ckpts, monkeypatch):
+    """In-memory merges keep their results while later tensors are read into reused buffers."""
+    bufs = ReadBuffers(1 << 20)
+    a = bufs.take(100_000)
+    bufs.give([a])
+    assert bufs.take(90_000) is a  # reused (within 2x)
+    bufs.give([a])
+    assert bufs.take(40_000) is not a  # too big a buffer for a small tensor
+    bufs.give([torch.empty(2 << 20, dtype=torch.uint8)])
+    assert sum(b.numel() for b in bufs.free) <= 1 << 20  # beyond ``keep`` the largest go
+
+    monkeypatch.setenv("MERGEFLOW_KERNELS", "torch")
+    b, fts = ckpts
+    base = Checkpoint(b)
+    got = merge(methods.get("task_arithmetic"), base, [TaskVectors.from_model(base, f) for f in fts], {"scaling": 0.5})[0]
+    for name in base.names():
+        theta0 = base.get(name)
+        if not theta0.is_floating_point():
+            assert torch.equal(got[name], theta0)
+            continue
+        want = theta0.float() + 0.5 * sum(Checkpoint(f).get(name).float() - theta0.float() for f in fts)
+        torch.testing.assert_close(got[name], want, rtol=1e-5, atol=1e-5)
