@@ -106,10 +106,19 @@ def ties_block(base, fts, subtract, thresholds, scaling, out):
             o[i] = (num[i] / max(count[i], one)) * scaling + b[i]
 
 @jit
+def _bin(key, lo32, shift, hist, bmin, bmax):
+    j = np.uint32(key - lo32) >> shift
+    hist[j] += 1
+    bmin[j] = min(bmin[j], key)
+    bmax[j] = max(bmax[j], key)
+
+
+@jit
 def scan_keys(base, ft, subtract, lo, hi, shift, hist, bmin, bmax, band):
-    """One pass over the |tau| keys: returns (keys >= lo, keys in [lo, hi]). Keys in the
-    band are counted in ``hist`` by (key - lo) >> shift, with each bin's smallest and
-    largest key in ``bmin``/``bmax``, and gathered into ``band`` while it has room."""
+    """One pass over the |tau| keys: returns (keys >= lo, keys in [lo, hi]). Keys in the band
+    are gathered into ``band``; if more come than it holds, all of them are counted in
+    ``hist`` by (key - lo) >> shift instead, with each bin's smallest and largest key in
+    ``bmin``/``bmax`` (``band`` must hold at least one key)."""
     n = ft.shape[0]
     b = np.empty(TILE, np.float32)
     x = np.empty(TILE, np.float32)
@@ -137,14 +146,15 @@ def scan_keys(base, ft, subtract, lo, hi, shift, hist, bmin, bmax, band):
         for i in range(m):  # the band: few keys, a well-predicted branch
             d = np.uint32(bits[i] - lo32)  # wraps for key < lo
             if d <= width:
-                key = bits[i]
-                j = d >> shift
-                hist[j] += 1
-                bmin[j] = min(bmin[j], key)
-                bmax[j] = max(bmax[j], key)
-                if inside < cap:
-                    band[inside] = key
-                inside += 1
+                if inside < cap:  # gathering (cheap) until the band buffer is full ...
+                    band[inside] = bits[i]
+                    inside += 1
+                    if inside == cap:  # ... then histogram what was gathered, and go on counting
+                        for g in range(cap):
+                            _bin(band[g], lo32, shift, hist, bmin, bmax)
+                else:
+                    _bin(bits[i], lo32, shift, hist, bmin, bmax)
+                    inside += 1
     if width == 0 and inside:
         hist[0], bmin[0], bmax[0] = inside, lo32, lo32
     return ge, inside

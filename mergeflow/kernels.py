@@ -127,7 +127,7 @@ def kth_abs_tau(base: np.ndarray, ft: np.ndarray, subtract: bool, k: int) -> flo
         _k("sample_keys")(base, ft, subtract, stride, sample)
         lo, hi = _bracket(sample, k / n)
         bracketed = True
-    band = np.empty(max(1 << 16, n >> 5), np.uint32)
+    band = np.empty(_band_size(n), np.uint32)
     while True:
         shift = max(0, (hi - lo).bit_length() - 16)
         bins = ((hi - lo) >> shift) + 1
@@ -142,12 +142,17 @@ def kth_abs_tau(base: np.ndarray, ft: np.ndarray, subtract: bool, k: int) -> flo
             r = k - above
         if lo == hi:  # a one-key band (counted, not gathered) holding the answer
             return _float(lo)
-        if inside <= band.size:
+        if inside <= band.size:  # all gathered (no histogram was made)
             return _float(int(select(band[:inside], lo, hi, r)))
         j, r = _pick_from_top(hist, r)
         if bmin[j] == bmax[j]:
             return _float(int(bmin[j]))
         lo, hi = int(bmin[j]), int(bmax[j])
+
+
+def _band_size(n: int) -> int:
+    """Keys a counting pass may gather (beyond that it histograms): ~1.5 bracket widths."""
+    return max(1 << 16, n >> 5)
 
 
 def _bracket(sample: np.ndarray, q: float) -> tuple[int, int]:

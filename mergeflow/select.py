@@ -15,6 +15,10 @@ select finishes on that small set. If the bracket misses (the counts disagree, o
 keys fall inside) the streaming radix select runs instead, so the sample changes the speed,
 never the answer. Passes stream the input in chunks, so temporaries stay small.
 
+On the CPU, float32 and bfloat16 go to the fused numba kernel of ``mergeflow.kernels`` (the
+same sampled bracket and radix passes, compiled: no chunk temporaries); the rest of this
+module is the portable path (CUDA, float16/float64, and MERGEFLOW_KERNELS=torch).
+
 One algorithm, two array back ends: on CUDA the chunks are torch tensors; on CPU they are
 zero-copy numpy views, because numpy's SIMD comparisons, counts and boolean gathers measured
 3-6x faster than torch's CPU kernels, and being single-threaded they do not stall the way
@@ -32,6 +36,8 @@ from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
+
+from mergeflow import kernels
 
 _DIGIT = 16
 _NUMPY_DEVICES = ("cpu",)  # devices whose keys go through numpy (tests empty it to run torch's path)
@@ -182,6 +188,10 @@ def _kth(values: torch.Tensor, k: int, has_zero: bool) -> torch.Tensor:
     """kth_largest after validation. 16-bit floats need one histogram pass, so no shortcut."""
     flat = values.detach().reshape(-1)
     key = _key_dtype(flat.dtype)
+    if flat.device.type in _NUMPY_DEVICES and kernels.supported(flat) and flat.is_contiguous() and kernels.available():
+        a = kernels.as_array(flat)  # the fused kernel: sampled bracket + one counting pass, no temporaries
+        found = kernels.kth_abs_tau(a, a, False, k)
+        return torch.tensor(found, dtype=torch.float32).to(values.dtype).to(values.device)
     bits = torch.iinfo(key).bits
     keys = _keys(flat, clear_sign=has_zero)
     found = _shortcut(flat, keys, k, bits) if bits > _DIGIT and flat.numel() >= _SAMPLE_MIN_N else None

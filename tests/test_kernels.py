@@ -79,6 +79,19 @@ def test_kth_abs_when_the_sample_misleads():
     assert kth_fused(torch.zeros(n), tau, False, k) == kth_by_sort(tau, k) == pytest.approx(1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kth_abs_when_the_band_overflows(monkeypatch, dtype):
+    """A gather buffer too small for the band: the pass switches to histograms with per-bin
+    key ranges and the narrowing passes finish exactly."""
+    monkeypatch.setattr(kernels, "_band_size", lambda n: 7)
+    g = torch.Generator().manual_seed(5)
+    for n in (5000, (1 << 20) + 3):
+        base = torch.randn(n, generator=g).to(dtype)
+        ft = (base.float() + 0.01 * torch.randn(n, generator=g)).to(dtype)
+        for k in (1, n // 7, n // 2, n):
+            assert kth_fused(base, ft, True, k) == kth_by_sort(ft.float() - base.float(), k), (n, k)
+
+
 def test_kth_abs_rejects_k_out_of_range():
     x = torch.ones(10)
     for k in (0, 11):

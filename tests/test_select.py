@@ -14,6 +14,14 @@ from mergeflow.select import global_threshold, global_thresholds, kth_largest, m
 INF = math.inf
 
 
+@pytest.fixture(params=["auto", "torch"], autouse=True)
+def kernel_mode(request, monkeypatch):
+    """Every test on both CPU paths: the fused numba kernel (float32/bfloat16) and the
+    portable numpy path (MERGEFLOW_KERNELS=torch)."""
+    monkeypatch.setenv("MERGEFLOW_KERNELS", request.param)
+    return request.param
+
+
 def sorted_kth(values: torch.Tensor, k: int) -> torch.Tensor:
     return values.reshape(-1).sort(descending=True).values[k - 1]
 
