@@ -28,6 +28,16 @@ def _widen(src, start, n, dst):
         return impl
     return None
 
+def is_f32(x):  # pragma: no cover - replaced by the overload inside kernels
+    raise NotImplementedError
+
+
+@overload(is_f32, inline="always")
+def _is_f32(x):
+    flag = isinstance(x, types.Array) and x.dtype == types.float32
+    return lambda x: flag
+
+
 TILE = 1024  # elements per tile: a tile of every input stays in L1
 
 jit = nb.njit(nogil=True, cache=True, error_model="numpy")
@@ -195,3 +205,119 @@ def select_keys(keys, lo, hi, r):
             return lo + j
         lo, hi = lo + (j << shift), min(hi, lo + ((j + 1) << shift) - 1)
 
+
+
+# --- the switch runtime: apply / remove weighted switches in place ------------------------------
+
+def _luts():
+    j = np.arange(8)
+    keep = ((np.arange(256)[:, None] >> j) & 1).astype(np.float32)  # byte -> its 8 keep bits as 0/1
+    sign = (1 - 2 * ((np.arange(256)[:, None] >> j) & 1)).astype(np.float32)  # byte -> +1 / -1
+    return keep, sign
+
+
+KEEP_LUT, SIGN_LUT = _luts()
+
+
+@jit
+def _switch_steps(bits, coefs, start, m, d):
+    """d[i] = +0.0 + sum_t coefs[t] * B_t(start + i) for i < m (rounded up to a multiple of 8),
+    B_t from keep/sign bitmaps bits[t, byte, 0/1] (bit j of byte b is entry 8b + j of the
+    chunk); ``start`` is a multiple of 8. Each byte pair expands through two 256-entry tables
+    into 8 lanes at once."""
+    keep_lut, sign_lut = KEEP_LUT, SIGN_LUT
+    m8 = (m + 7) >> 3
+    b0 = start >> 3
+    for i in range(m8 * 8):
+        d[i] = np.float32(0.0)
+    for t in range(bits.shape[0]):
+        c = coefs[t]
+        for b in range(m8):
+            kr = keep_lut[bits[t, b0 + b, 0]]
+            sr = sign_lut[bits[t, b0 + b, 1]]
+            o = d[8 * b:8 * b + 8]
+            for j in range(8):
+                o[j] += c * (kr[j] * sr[j])
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _rne_bf16(u):
+    """float32 bits -> bfloat16 bits, round to nearest even (torch's rule, NaN -> 0x7FC0)."""
+    if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+        return np.uint16(0x7FC0)
+    return np.uint16((u + ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16))
+
+
+@jit
+def switch_apply(x, bits, coefs, pos, vals):
+    """x (float32, or bfloat16 as uint16 bits) += the step d, as y = x - (0 - d) computed in
+    float32 (bfloat16: rounded once to nearest even), which leaves every entry with d = +0
+    bitwise as it was. Entries where removal's z = y - d would not give x back bitwise have
+    their chunk positions and original values saved in pos/vals; returns how many."""
+    n = x.shape[0]
+    d = np.empty(TILE, np.float32)
+    f = np.empty(TILE, np.float32)
+    fb = f.view(np.uint32)
+    g = np.empty(TILE, np.float32)
+    gb = g.view(np.uint32)
+    h = np.empty(TILE, np.float32)
+    hb = h.view(np.uint32)
+    yh = np.empty(TILE, np.uint16)
+    saved = 0
+    zero = np.float32(0.0)
+    for s in range(0, n, TILE):
+        m = min(TILE, n - s)
+        _switch_steps(bits, coefs, s, m, d)
+        widen(x, s, m, f)
+        xs = x[s:s + m]
+        for i in range(m):
+            g[i] = f[i] - (zero - d[i])  # y, in float32
+        if is_f32(x):
+            for i in range(m):
+                h[i] = g[i] - d[i]  # z
+            for i in range(m):
+                if hb[i] != fb[i]:
+                    pos[saved] = s + i
+                    vals[saved] = xs[i]
+                    saved += 1
+            for i in range(m):
+                xs[i] = g[i]
+        else:
+            for i in range(m):
+                yh[i] = _rne_bf16(gb[i])
+            for i in range(m):
+                hb[i] = np.uint32(yh[i]) << np.uint32(16)
+            for i in range(m):
+                h[i] -= d[i]  # z before rounding
+            for i in range(m):
+                if _rne_bf16(hb[i]) != xs[i]:
+                    pos[saved] = s + i
+                    vals[saved] = xs[i]
+                    saved += 1
+            for i in range(m):
+                xs[i] = yh[i]
+    return saved
+
+
+@jit
+def switch_remove(x, bits, coefs, pos, vals):
+    """Undo ``switch_apply``: x -= d (same arithmetic), then the saved entries written back."""
+    n = x.shape[0]
+    d = np.empty(TILE, np.float32)
+    f = np.empty(TILE, np.float32)
+    fb = f.view(np.uint32)
+    for s in range(0, n, TILE):
+        m = min(TILE, n - s)
+        _switch_steps(bits, coefs, s, m, d)
+        widen(x, s, m, f)
+        xs = x[s:s + m]
+        if is_f32(x):
+            for i in range(m):
+                xs[i] = f[i] - d[i]
+        else:
+            for i in range(m):
+                f[i] -= d[i]
+            for i in range(m):
+                xs[i] = _rne_bf16(fb[i])
+    for j in range(pos.shape[0]):
+        x[pos[j]] = vals[j]

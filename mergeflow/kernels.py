@@ -98,6 +98,17 @@ def ties_block(base: np.ndarray, fts: np.ndarray, subtract: bool, thresholds: np
     _k("ties_block")(base, fts, subtract, np.asarray(thresholds, np.float32), np.float32(scaling), out)
 
 
+def switch_apply(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.ndarray, vals: np.ndarray) -> int:
+    """Add sum_t coefs[t] * B_t to a chunk in place (see mergeflow.runtime); returns the number
+    of entries saved to ``pos``/``vals`` for a bitwise removal."""
+    return int(_k("switch_apply")(x, bits, coefs, pos, vals))
+
+
+def switch_remove(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.ndarray, vals: np.ndarray) -> None:
+    """Undo ``switch_apply`` on the same chunk."""
+    _k("switch_remove")(x, bits, coefs, pos, vals)
+
+
 def _pick_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
     """(bin holding the k-th largest, its rank among that bin's keys)."""
     from_top = np.cumsum(hist[::-1])

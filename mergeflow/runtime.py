@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 
+from mergeflow import kernels
 from mergeflow.codecs.switch import Switch
 from mergeflow.autoswitch import group_rows
 from mergeflow.errors import MergeflowError
@@ -325,6 +326,8 @@ def _apply_chunks(flat: torch.Tensor, plan: _Plan, begin: int, end: int, ws: _Wo
     dtype, wdt = flat.dtype, _work_dtype(flat.dtype)
     ibits = _BITS_VIEW.get(dtype)
     on_cpu = flat.device.type == "cpu"
+    if _fused(flat):
+        return _apply_chunks_fused(flat, plan, begin, end, ws, sink)
     for start in range(begin, end, ws.chunk):
         length = min(ws.chunk, end - start)
         x = flat[start:start + length]
@@ -358,10 +361,44 @@ def _apply_chunks(flat: torch.Tensor, plan: _Plan, begin: int, end: int, ws: _Wo
         sink.append(_Piece(start, length, changed.to(torch.int32), saved))
 
 
+def _fused(flat: torch.Tensor) -> bool:
+    """Whether the fused CPU kernels (mergeflow.kernels) do this tensor's chunks."""
+    return flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.bfloat16) and kernels.available()
+
+
+def _kernel_args(flat: torch.Tensor, plan: _Plan, start: int, length: int):
+    """The chunk as the kernel's array, its switches' bits [T, bytes, 2] and coefficients."""
+    x = kernels.as_array(flat[start:start + length]) if flat.dtype == torch.float32 else \
+        flat[start:start + length].view(torch.uint16).numpy()
+    lo, hi = start // 8, (start + length + 7) // 8
+    bits = np.stack([pt.bits[lo:hi].numpy() for _, pt in plan.binary])
+    coefs = np.array([c for c, _ in plan.binary], dtype=np.float32)
+    return x, bits, coefs
+
+
+def _apply_chunks_fused(flat: torch.Tensor, plan: _Plan, begin: int, end: int, ws: _Workspace, sink: list[_Piece]) -> None:
+    """``_apply_chunks`` in one fused pass per chunk (same arithmetic, same pieces)."""
+    vdt = torch.int32 if flat.dtype == torch.float32 else torch.int16
+    pos, vals = ws.get("pos", torch.int32).numpy(), ws.get("vals", vdt).numpy().view(np.float32 if vdt == torch.int32 else np.uint16)
+    for start in range(begin, end, ws.chunk):
+        length = min(ws.chunk, end - start)
+        x, bits, coefs = _kernel_args(flat, plan, start, length)
+        n = kernels.switch_apply(x, bits, coefs, pos, vals)
+        saved = torch.from_numpy(vals[:n].copy())
+        sink.append(_Piece(start, length, torch.from_numpy(pos[:n].copy()),
+                           saved if flat.dtype == torch.float32 else saved.view(torch.bfloat16)))
+
+
 def _remove_chunks(flat: torch.Tensor, plan: _Plan, pieces: list[_Piece], ws: _Workspace) -> None:
     """Undo ``pieces`` of ``flat``: subtract the step again, then write the saved entries back."""
     dtype, wdt = flat.dtype, _work_dtype(flat.dtype)
     ibits = _BITS_VIEW.get(dtype)
+    if _fused(flat):
+        for piece in pieces:
+            x, bits, coefs = _kernel_args(flat, plan, piece.start, piece.length)
+            vals = piece.vals.numpy() if dtype == torch.float32 else piece.vals.view(torch.uint16).numpy()
+            kernels.switch_remove(x, bits, coefs, piece.pos.numpy(), vals)
+        return
     for piece in pieces:
         x = flat[piece.start:piece.start + piece.length]
         e, a = _step(ws, plan, piece.start, piece.length, wdt, forward=False)

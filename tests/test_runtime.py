@@ -68,6 +68,14 @@ def make_switches() -> dict[str, Switch]:
     return {t: compress(make_taus(10 + i).items(), DROP, keep_dense=["head.weight"]) for i, t in enumerate(TASKS)}
 
 
+@pytest.fixture(params=["auto", "torch"], autouse=True)
+def kernel_mode(request, monkeypatch):
+    """Every test on both CPU paths: the fused numba kernels (float32/bfloat16 chunks) and
+    torch's ops (MERGEFLOW_KERNELS=torch)."""
+    monkeypatch.setenv("MERGEFLOW_KERNELS", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def switches() -> dict[str, Switch]:
     return make_switches()
