@@ -11,6 +11,7 @@ from numba.extending import overload
 def widen(src, start, n, dst):  # pragma: no cover - replaced by the overload inside kernels
     raise NotImplementedError
 
+
 @overload(widen, inline="always")
 def _widen(src, start, n, dst):
     if isinstance(src, types.Array) and src.dtype == types.uint16:
@@ -45,6 +46,7 @@ jit = nb.njit(nogil=True, cache=True, error_model="numpy")
 # vectorised add(x, alpha=w) computes it: the linear kernel then matches torch bit for bit
 jit_fma = nb.njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
 
+
 @jit
 def load_taus(base, fts, subtract, s, m, b, taus):
     """Tile [s, s+m): base into b, task vectors into taus[t*TILE:]."""
@@ -55,6 +57,7 @@ def load_taus(base, fts, subtract, s, m, b, taus):
         if subtract:
             for i in range(m):
                 row[i] -= b[i]
+
 
 @jit_fma
 def linear_block(base, fts, subtract, weights, divisor, out):
@@ -76,6 +79,7 @@ def linear_block(base, fts, subtract, weights, divisor, out):
         o = out[s:s + m]
         for i in range(m):
             o[i] = acc[i] / divisor + b[i]
+
 
 @jit
 def ties_block(base, fts, subtract, thresholds, scaling, out):
@@ -114,6 +118,7 @@ def ties_block(base, fts, subtract, thresholds, scaling, out):
         o = out[s:s + m]
         for i in range(m):
             o[i] = (num[i] / max(count[i], one)) * scaling + b[i]
+
 
 @jit
 def _bin(key, lo32, shift, hist, bmin, bmax):
@@ -182,6 +187,7 @@ def sample_keys(base, ft, subtract, stride, out):
             x[0] -= y[0]
         out[j] = bits[0] & np.uint32(0x7FFFFFFF)
 
+
 @jit
 def select_keys(keys, lo, hi, r):
     """The r-th largest of ``keys`` restricted to [lo, hi] (r counted from the top of that
@@ -204,7 +210,6 @@ def select_keys(keys, lo, hi, r):
         if shift == 0:
             return lo + j
         lo, hi = lo + (j << shift), min(hi, lo + ((j + 1) << shift) - 1)
-
 
 
 # --- the switch runtime: apply / remove weighted switches in place ------------------------------

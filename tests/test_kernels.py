@@ -2,8 +2,6 @@
 and the engine giving the same merge through either path."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,6 +11,7 @@ from mergeflow import kernels, methods
 from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.merge import ReadBuffers, TaskVectors, merge, merge_to_disk
 from mergeflow.methods.ties import disjoint_mean, trim
+from tests.test_engine import save_dir
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba kernels unavailable")
 
@@ -160,21 +159,6 @@ def test_mode_env(monkeypatch):
 
 # --- the engine: same merge through either path ----------------------------------------------
 
-def _save(path, sd, shards=None):
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "tiny"}))
-    if not shards:
-        save_file(sd, str(path / "model.safetensors"))
-        return path
-    weight_map = {}
-    for i, names in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: sd[n] for n in names}, str(path / fname))
-        weight_map.update({n: fname for n in names})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return path
-
-
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """bf16 base + 3 fine-tunes, one tensor above 1M elements (sampled selection), sharded base."""
@@ -184,8 +168,8 @@ def ckpts(tmp_path_factory):
             "norm.weight": torch.ones(9), "ids": torch.arange(5)}
     fts = [{k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
             for k, v in base.items()} for _ in range(3)]
-    b = _save(root / "base", base, [["big.weight", "ids"], ["small.weight", "norm.weight"]])
-    return b, [_save(root / f"ft{i}", sd) for i, sd in enumerate(fts)]
+    b = save_dir(root / "base", base, [["big.weight", "ids"], ["small.weight", "norm.weight"]])
+    return b, [save_dir(root / f"ft{i}", sd) for i, sd in enumerate(fts)]
 
 
 def _merge_to(tmp, ckpts, method, hp, mode, monkeypatch):
