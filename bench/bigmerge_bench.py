@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     if nbytes <= 0.5 * ram:
         print("!! inputs do not exceed half of RAM", flush=True)
 
+    from merge_bench import warm_kernels
+
+    print(f"# mergeflow kernel warm-up: {warm_kernels(args.mergeflow):.1f} s (first use after an install compiles)", flush=True)
     rows, ok = [], True
     try:
         for method in [m for m in args.methods.split(",") if m]:

@@ -109,6 +109,28 @@ def switch_remove(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.nd
     _k("switch_remove")(x, bits, coefs, pos, vals)
 
 
+def warm() -> float:
+    """Compile every kernel for bfloat16 and float32 inputs (or load it from numba's disk
+    cache, ~0.6 s a process): the first use after an install otherwise pays the compile
+    (a few seconds). Returns the seconds it took; a no-op where the kernels are off."""
+    import time
+
+    t0 = time.perf_counter()
+    if not available():
+        return 0.0
+    for np_dtype in (np.uint16, np.float32):  # bfloat16 bits, float32
+        base, fts, out = np.zeros(16, np_dtype), np.zeros((2, 16), np_dtype), np.zeros(16, np.float32)
+        linear_block(base, fts, True, [1.0, 1.0], out)
+        ties_block(base, fts, True, [0.0, 0.0], 1.0, out)
+        kth_abs_tau(base, fts[0], True, 3)
+        _k("sample_keys")(base, fts[0], True, 2, np.zeros(8, np.uint32))
+        bits = np.zeros((1, 2, 2), np.uint8)
+        x, pos, vals = np.zeros(16, np_dtype), np.zeros(16, np.int32), np.zeros(16, np_dtype)
+        n = switch_apply(x, bits, np.ones(1, np.float32), pos, vals)
+        switch_remove(x, bits, np.ones(1, np.float32), pos[:n], vals[:n])
+    return time.perf_counter() - t0
+
+
 def _pick_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
     """(bin holding the k-th largest, its rank among that bin's keys)."""
     from_top = np.cumsum(hist[::-1])

@@ -14,7 +14,7 @@ import functools
 import math
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -84,8 +84,8 @@ def _is_floating(ckpt: Checkpoint, name: str) -> bool:
 
 BLOCK_CPU = 1 << 18  # elements per block of a block-wise method: temporaries stay in cache
 BLOCK_CUDA = 1 << 26
-PREFETCH_BYTES = 256 << 20
-READERS = 2  # threads reading one tensor's inputs (page-cache copies run at ~6 GB/s per core)  # read the next tensor ahead only when its inputs are smaller than this
+PREFETCH_BYTES = 256 << 20  # read the next tensor ahead only when its inputs are smaller than this
+READERS = 2  # threads reading one tensor's inputs (page-cache copies run at ~6 GB/s per core)
 
 
 class ReadBuffers:
@@ -126,9 +126,10 @@ def _load(base: Checkpoint, sources: Sequence[TaskVectors], name: str, buffers: 
         return theta0, [src.fetch(name) for src in sources], []
     used: list[torch.Tensor] = []
 
-    def alloc(nbytes: int) -> torch.Tensor:
-        used.append(buffers.take(nbytes))
-        return used[-1]
+    def alloc(nbytes: int) -> torch.Tensor:  # called from several reader threads at once
+        buf = buffers.take(nbytes)
+        used.append(buf)
+        return buf
 
     def base_tensor() -> torch.Tensor:
         t = base.get(name, alloc) if isinstance(base, Checkpoint) else base.get(name)
@@ -136,12 +137,15 @@ def _load(base: Checkpoint, sources: Sequence[TaskVectors], name: str, buffers: 
         return t
 
     jobs = [base_tensor] + [functools.partial(src.fetch, name, alloc) for src in sources]
+    futures = [readers.submit(job) for job in jobs] if readers is not None else None
     try:
-        theta0, *raws = list(readers.map(lambda job: job(), jobs)) if readers is not None else [job() for job in jobs]
-        return theta0, raws, used
+        theta0, *raws = [f.result() for f in futures] if futures else [job() for job in jobs]
     except BaseException:
+        if futures:
+            wait(futures)  # no reader may still be writing into a buffer that goes back
         buffers.give(used)
         raise
+    return theta0, raws, used
 
 
 def _input_bytes(base: Checkpoint, sources: Sequence[TaskVectors], name: str) -> int:
@@ -157,9 +161,11 @@ def _prefetched(base: Checkpoint, sources: Sequence[TaskVectors], names: Sequenc
     asks for the next tensor: it must not keep references to them (or views) beyond that."""
     if not names:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-prefetch") as pool, \
-            ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="mergeflow-read") as readers:
-        load = functools.partial(_load, buffers=buffers, readers=readers if buffers is not None else None)
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-prefetch"))
+        readers = None if buffers is None else \
+            stack.enter_context(ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="mergeflow-read"))
+        load = functools.partial(_load, buffers=buffers, readers=readers)
         nxt = pool.submit(load, base, sources, names[0])
         try:
             for i, name in enumerate(names):
