@@ -131,13 +131,6 @@ def warm() -> float:
     return time.perf_counter() - t0
 
 
-def _pick_from_top(hist: np.ndarray, k: int) -> tuple[int, int]:
-    """(bin holding the k-th largest, its rank among that bin's keys)."""
-    from_top = np.cumsum(hist[::-1])
-    i = int(np.searchsorted(from_top, k))
-    return hist.size - 1 - i, k - (int(from_top[i - 1]) if i else 0)
-
-
 def kth_abs_tau(base: np.ndarray, ft: np.ndarray, subtract: bool, k: int) -> float:
     """Exact k-th largest |ft - base| (|ft| if not ``subtract``) in float32, 1 <= k <= n.
 
@@ -152,6 +145,8 @@ def kth_abs_tau(base: np.ndarray, ft: np.ndarray, subtract: bool, k: int) -> flo
     n = ft.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} is out of range for {n} values (1 <= k <= numel)")
+    from mergeflow.select import _pick  # the radix digit pick, shared (select imports this module)
+
     scan, select = _k("scan_keys"), _k("select_keys")
     lo, hi, r, bracketed = 0, _KEY_MAX, k, False
     if n >= _SAMPLE_MIN_N:
@@ -177,7 +172,7 @@ def kth_abs_tau(base: np.ndarray, ft: np.ndarray, subtract: bool, k: int) -> flo
             return _float(lo)
         if inside <= band.size:  # all gathered (no histogram was made)
             return _float(int(select(band[:inside], lo, hi, r)))
-        j, r = _pick_from_top(hist, r)
+        j, r = _pick(hist, r)
         if bmin[j] == bmax[j]:
             return _float(int(bmin[j]))
         lo, hi = int(bmin[j]), int(bmax[j])

@@ -368,8 +368,7 @@ def _fused(flat: torch.Tensor) -> bool:
 
 def _kernel_args(flat: torch.Tensor, plan: _Plan, start: int, length: int):
     """The chunk as the kernel's array, its switches' bits [T, bytes, 2] and coefficients."""
-    x = kernels.as_array(flat[start:start + length]) if flat.dtype == torch.float32 else \
-        flat[start:start + length].view(torch.uint16).numpy()
+    x = kernels.as_array(flat[start:start + length])
     lo, hi = start // 8, (start + length + 7) // 8
     bits = np.stack([pt.bits[lo:hi].numpy() for _, pt in plan.binary])
     coefs = np.array([c for c, _ in plan.binary], dtype=np.float32)
@@ -378,15 +377,13 @@ def _kernel_args(flat: torch.Tensor, plan: _Plan, start: int, length: int):
 
 def _apply_chunks_fused(flat: torch.Tensor, plan: _Plan, begin: int, end: int, ws: _Workspace, sink: list[_Piece]) -> None:
     """``_apply_chunks`` in one fused pass per chunk (same arithmetic, same pieces)."""
-    vdt = torch.int32 if flat.dtype == torch.float32 else torch.int16
-    pos, vals = ws.get("pos", torch.int32).numpy(), ws.get("vals", vdt).numpy().view(np.float32 if vdt == torch.int32 else np.uint16)
+    pos, vals = ws.get("pos", torch.int32).numpy(), kernels.as_array(ws.get("vals", flat.dtype))
     for start in range(begin, end, ws.chunk):
         length = min(ws.chunk, end - start)
         x, bits, coefs = _kernel_args(flat, plan, start, length)
         n = kernels.switch_apply(x, bits, coefs, pos, vals)
-        saved = torch.from_numpy(vals[:n].copy())
-        sink.append(_Piece(start, length, torch.from_numpy(pos[:n].copy()),
-                           saved if flat.dtype == torch.float32 else saved.view(torch.bfloat16)))
+        saved = torch.from_numpy(vals[:n].copy()).view(flat.dtype)  # bfloat16 travels as its uint16 bits
+        sink.append(_Piece(start, length, torch.from_numpy(pos[:n].copy()), saved))
 
 
 def _remove_chunks(flat: torch.Tensor, plan: _Plan, pieces: list[_Piece], ws: _Workspace) -> None:
@@ -396,8 +393,7 @@ def _remove_chunks(flat: torch.Tensor, plan: _Plan, pieces: list[_Piece], ws: _W
     if _fused(flat):
         for piece in pieces:
             x, bits, coefs = _kernel_args(flat, plan, piece.start, piece.length)
-            vals = piece.vals.numpy() if dtype == torch.float32 else piece.vals.view(torch.uint16).numpy()
-            kernels.switch_remove(x, bits, coefs, piece.pos.numpy(), vals)
+            kernels.switch_remove(x, bits, coefs, piece.pos.numpy(), kernels.as_array(piece.vals))
         return
     for piece in pieces:
         x = flat[piece.start:piece.start + piece.length]
