@@ -6,7 +6,8 @@ cache entry would never be found again.
 import numpy as np
 import numba as nb
 from numba import types
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 def widen(src, start, n, dst):  # pragma: no cover - replaced by the overload inside kernels
     raise NotImplementedError
@@ -213,36 +214,132 @@ def select_keys(keys, lo, hi, r):
 
 
 # --- the switch runtime: apply / remove weighted switches in place ------------------------------
+#
+# Written so that LLVM vectorises every per-entry loop: the ternaries of a tile are expanded to
+# int8 first (one 64-bit table look-up per 8 entries), the arithmetic and the bitwise comparison
+# run in one loop over the tile (float <-> bits by bitcast, no memory round trip), and the entries
+# to save are appended 16 at a time with a SIMD compress (vpcompressd on AVX-512, LLVM's generic
+# expansion elsewhere) instead of a data-dependent branch per entry.
 
-def _luts():
-    j = np.arange(8)
-    keep = ((np.arange(256)[:, None] >> j) & 1).astype(np.float32)  # byte -> its 8 keep bits as 0/1
-    sign = (1 - 2 * ((np.arange(256)[:, None] >> j) & 1)).astype(np.float32)  # byte -> +1 / -1
-    return keep, sign
+SW_TILE = 2048  # entries per tile: the tile's buffers stay in L1
+SW_SLACK = 16  # pos/vals need this many entries beyond the last one saved (whole-vector stores)
+
+_I32 = ir.IntType(32)
 
 
-KEEP_LUT, SIGN_LUT = _luts()
+@intrinsic
+def _f2u(typingctx, v):
+    """float32 -> its bits (uint32)."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _I32)
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _u2f(typingctx, v):
+    """uint32 bits -> float32."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(types.uint32), codegen
+
+
+def _declare(module, name, ret, args):
+    fn = module.globals.get(name)
+    return fn if fn is not None else ir.Function(module, ir.FunctionType(ret, args), name)
+
+
+@intrinsic
+def _compress16(typingctx, flags, src, pos, vals, i, base, saved):
+    """Append (base + i + j, src[i + j]) for each lane j < 16 with flags[i + j] != 0 to
+    pos[saved:] / vals[saved:]; returns the new count. Stores 16 whole lanes (pos/vals need
+    SW_SLACK entries beyond the count); src and vals hold 16- or 32-bit integers."""
+    width = src.dtype.bitwidth
+    sig = types.intp(flags, src, pos, vals, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        fl, sr, ps, vs, i, base, saved = args
+
+        def ptr(k, ary, index, vty):
+            data = context.make_array(sig.args[k])(context, builder, ary).data
+            return builder.bitcast(builder.gep(data, [index]), vty.as_pointer())
+
+        v8, v32, vw = (ir.VectorType(ir.IntType(w), 16) for w in (8, 32, width))
+        v1 = ir.VectorType(ir.IntType(1), 16)
+        mask = builder.icmp_unsigned("!=", builder.load(ptr(0, fl, i, v8), align=1), ir.Constant(v8, None))
+        first = builder.insert_element(ir.Constant(v32, ir.Undefined), builder.trunc(builder.add(base, i), _I32),
+                                       ir.Constant(_I32, 0))
+        index = builder.add(builder.shuffle_vector(first, ir.Constant(v32, ir.Undefined), ir.Constant(v32, [0] * 16)),
+                            ir.Constant(v32, list(range(16))))
+        for k, ary, vec, vty in ((3, vs, builder.load(ptr(1, sr, i, vw), align=width // 8), vw), (2, ps, index, v32)):
+            name = f"llvm.experimental.vector.compress.v16i{vty.element.width}"
+            packed = builder.call(_declare(builder.module, name, vty, [vty, v1, vty]), [vec, mask, ir.Constant(vty, None)])
+            builder.store(packed, ptr(k, ary, saved, vty), align=vty.element.width // 8)
+        i16 = ir.IntType(16)
+        count = builder.call(_declare(builder.module, "llvm.ctpop.i16", i16, [i16]), [builder.bitcast(mask, i16)])
+        return builder.add(saved, builder.zext(count, ir.IntType(64)))
+
+    return sig, codegen
+
+
+def _step16_codegen(add):
+    def codegen(context, builder, sig, args):
+        w, c, dary, i = args
+        i16, v16 = ir.IntType(16), ir.VectorType(ir.FloatType(), 16)
+        mask16 = ir.Constant(_I32, 0xFF)
+        lo = builder.and_(w, mask16)
+        keep = builder.or_(lo, builder.and_(builder.lshr(w, ir.Constant(_I32, 8)), ir.Constant(_I32, 0xFF00)))
+        sign = builder.or_(builder.and_(builder.lshr(w, ir.Constant(_I32, 8)), mask16),
+                           builder.and_(builder.lshr(w, ir.Constant(_I32, 16)), ir.Constant(_I32, 0xFF00)))
+        v1 = ir.VectorType(ir.IntType(1), 16)
+        km = builder.bitcast(builder.trunc(keep, i16), v1)
+        sm = builder.bitcast(builder.trunc(sign, i16), v1)
+
+        def splat(value):
+            first = builder.insert_element(ir.Constant(v16, ir.Undefined), value, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(first, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
+
+        val = builder.select(km, builder.select(sm, splat(builder.fneg(c)), splat(c)), ir.Constant(v16, None))
+        data = context.make_array(sig.args[2])(context, builder, dary).data
+        ptr = builder.bitcast(builder.gep(data, [i]), v16.as_pointer())
+        if add:
+            val = builder.fadd(builder.load(ptr, align=4), val)
+        builder.store(val, ptr, align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+@intrinsic
+def _set16(typingctx, w, c, d, i):
+    """d[i:i+16] = the 16 steps c * B of one uint32 holding two byte pairs (keep | sign << 8):
+    +c where kept and positive, -c where kept and negative, +0.0 elsewhere (masked selects)."""
+    return types.none(types.uint32, types.float32, d, types.intp), _step16_codegen(False)
+
+
+@intrinsic
+def _add16(typingctx, w, c, d, i):
+    """d[i:i+16] += the 16 steps of ``_set16``."""
+    return types.none(types.uint32, types.float32, d, types.intp), _step16_codegen(True)
 
 
 @jit
-def _switch_steps(bits, coefs, start, m, d):
-    """d[i] = +0.0 + sum_t coefs[t] * B_t(start + i) for i < m (rounded up to a multiple of 8),
-    B_t from keep/sign bitmaps bits[t, byte, 0/1] (bit j of byte b is entry 8b + j of the
-    chunk); ``start`` is a multiple of 8. Each byte pair expands through two 256-entry tables
-    into 8 lanes at once."""
-    keep_lut, sign_lut = KEEP_LUT, SIGN_LUT
-    m8 = (m + 7) >> 3
-    b0 = start >> 3
-    for i in range(m8 * 8):
-        d[i] = np.float32(0.0)
+def _steps(bits, coefs, b0, m, d):
+    """d[i] = +0.0 + sum_t coefs[t] * B_t(8*b0 + i) for i < m (and up to the next multiple of
+    16: d needs that slack). bits[t] holds switch t's byte pairs keep | sign << 8 (uint16).
+    Summed in switch order from +0.0; where B_t = 0 the term is +0.0 (not c * 0 = -0.0 for
+    c < 0: the sums agree bitwise, since d is never -0.0)."""
+    nb8 = bits.shape[1]
     for t in range(bits.shape[0]):
         c = coefs[t]
-        for b in range(m8):
-            kr = keep_lut[bits[t, b0 + b, 0]]
-            sr = sign_lut[bits[t, b0 + b, 1]]
-            o = d[8 * b:8 * b + 8]
-            for j in range(8):
-                o[j] += c * (kr[j] * sr[j])
+        row = bits[t]
+        for i in range(0, m, 16):
+            b = b0 + (i >> 3)
+            w = np.uint32(row[b])
+            if b + 1 < nb8:
+                w |= np.uint32(row[b + 1]) << np.uint32(16)
+            if t == 0:
+                _set16(w, c, d, i)
+            else:
+                _add16(w, c, d, i)
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -253,76 +350,129 @@ def _rne_bf16(u):
     return np.uint16((u + ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16))
 
 
+def _apply16_codegen(context, builder, sig, args):
+    """16 entries of ``switch_apply`` in SIMD registers: y = x - (0 - d) (bfloat16: widened, rounded
+    once to nearest even), z = y - d likewise, y stored, and the lanes where z differs from x
+    bitwise compressed onto pos/vals (positions base + i + lane, original bits)."""
+    xa, da, i, pa, va, base, saved = args
+    xty = sig.args[0]
+    half = xty.dtype.bitwidth == 16
+    f32, v16 = ir.FloatType(), ir.VectorType(ir.FloatType(), 16)
+    vi32, v1 = ir.VectorType(_I32, 16), ir.VectorType(ir.IntType(1), 16)
+    vx = ir.VectorType(ir.IntType(16 if half else 32), 16)
+
+    def ptr(k, ary, index, vty):
+        data = context.make_array(sig.args[k])(context, builder, ary).data
+        return builder.bitcast(builder.gep(data, [index]), vty.as_pointer())
+
+    def splat32(value):
+        return ir.Constant(vi32, [value] * 16)
+
+    def widen(h):  # bfloat16 bits -> float32
+        return builder.bitcast(builder.shl(builder.zext(h, vi32), splat32(16)), v16)
+
+    def rne(f):  # float32 -> bfloat16 bits, nearest even, NaN -> 0x7FC0
+        u = builder.bitcast(f, vi32)
+        lsb = builder.and_(builder.lshr(u, splat32(16)), splat32(1))
+        r = builder.lshr(builder.add(builder.add(u, lsb), splat32(0x7FFF)), splat32(16))
+        nan = builder.icmp_unsigned(">", builder.and_(u, splat32(0x7FFFFFFF)), splat32(0x7F800000))
+        return builder.trunc(builder.select(nan, splat32(0x7FC0), r), vx)
+
+    xp = ptr(0, xa, i, vx)
+    xbits = builder.load(xp, align=vx.element.width // 8)
+    d = builder.load(ptr(1, da, i, v16), align=4)
+    x = widen(xbits) if half else builder.bitcast(xbits, v16)
+    y = builder.fsub(x, builder.fsub(ir.Constant(v16, None), d))
+    ybits = rne(y) if half else builder.bitcast(y, vx)
+    z = builder.fsub(widen(ybits) if half else y, d)
+    zbits = rne(z) if half else builder.bitcast(z, vx)
+    mask = builder.icmp_unsigned("!=", zbits, xbits)
+    builder.store(ybits, xp, align=vx.element.width // 8)
+    first = builder.insert_element(ir.Constant(vi32, ir.Undefined), builder.trunc(builder.add(base, i), _I32),
+                                   ir.Constant(_I32, 0))
+    index = builder.add(builder.shuffle_vector(first, ir.Constant(vi32, ir.Undefined), ir.Constant(vi32, [0] * 16)),
+                        ir.Constant(vi32, list(range(16))))
+    for k, ary, vec, vty in ((4, va, xbits, vx), (3, pa, index, vi32)):
+        name = f"llvm.experimental.vector.compress.v16i{vty.element.width}"
+        packed = builder.call(_declare(builder.module, name, vty, [vty, v1, vty]), [vec, mask, ir.Constant(vty, None)])
+        builder.store(packed, ptr(k, ary, saved, vty), align=vty.element.width // 8)
+    i16 = ir.IntType(16)
+    count = builder.call(_declare(builder.module, "llvm.ctpop.i16", i16, [i16]), [builder.bitcast(mask, i16)])
+    return builder.add(saved, builder.zext(count, ir.IntType(64)))
+
+
+@intrinsic
+def _apply16(typingctx, x, d, i, pos, vals, base, saved):
+    """Entries i..i+15 of x (float32, or bfloat16 as uint16 bits) plus the steps d[i:i+16]; see
+    ``_apply16_codegen``. Returns the new count of saved entries (pos/vals need SW_SLACK spare)."""
+    return types.intp(x, d, types.intp, pos, vals, types.intp, types.intp), _apply16_codegen
+
+
 @jit
-def switch_apply(x, bits, coefs, pos, vals):
-    """x (float32, or bfloat16 as uint16 bits) += the step d, as y = x - (0 - d) computed in
-    float32 (bfloat16: rounded once to nearest even), which leaves every entry with d = +0
-    bitwise as it was. Entries where removal's z = y - d would not give x back bitwise have
-    their chunk positions and original values saved in pos/vals; returns how many."""
+def switch_apply(x, bits, coefs, start, pos, vals):
+    """Add the step d (see ``_steps``) to x[start:] in place, tile by tile, as y = x - (0 - d)
+    in float32 (bfloat16, as its uint16 bits: widened, rounded once to nearest even), which
+    leaves every entry with d = +0 bitwise as it was. Entries where removal's z = y - d would
+    not give x back bitwise get their positions (in x) and original values (bits) appended to
+    pos/vals. Stops early when fewer than SW_TILE + SW_SLACK entries of pos are left; returns
+    (where it stopped, entries saved). ``start`` is a multiple of 8."""
     n = x.shape[0]
-    d = np.empty(TILE, np.float32)
-    f = np.empty(TILE, np.float32)
-    fb = f.view(np.uint32)
-    g = np.empty(TILE, np.float32)
-    gb = g.view(np.uint32)
-    h = np.empty(TILE, np.float32)
-    hb = h.view(np.uint32)
-    yh = np.empty(TILE, np.uint16)
-    saved = 0
+    d = np.empty(SW_TILE + SW_SLACK, np.float32)
     zero = np.float32(0.0)
-    for s in range(0, n, TILE):
-        m = min(TILE, n - s)
-        _switch_steps(bits, coefs, s, m, d)
-        widen(x, s, m, f)
+    saved = 0
+    s = start
+    while s < n and pos.shape[0] - saved >= SW_TILE + SW_SLACK:
+        m = min(SW_TILE, n - s)
+        _steps(bits, coefs, s >> 3, m, d)
         xs = x[s:s + m]
-        for i in range(m):
-            g[i] = f[i] - (zero - d[i])  # y, in float32
-        if is_f32(x):
-            for i in range(m):
-                h[i] = g[i] - d[i]  # z
-            for i in range(m):
-                if hb[i] != fb[i]:
-                    pos[saved] = s + i
-                    vals[saved] = xs[i]
-                    saved += 1
-            for i in range(m):
-                xs[i] = g[i]
-        else:
-            for i in range(m):
-                yh[i] = _rne_bf16(gb[i])
-            for i in range(m):
-                hb[i] = np.uint32(yh[i]) << np.uint32(16)
-            for i in range(m):
-                h[i] -= d[i]  # z before rounding
-            for i in range(m):
-                if _rne_bf16(hb[i]) != xs[i]:
-                    pos[saved] = s + i
-                    vals[saved] = xs[i]
-                    saved += 1
-            for i in range(m):
-                xs[i] = yh[i]
-    return saved
+        m16 = m & ~15
+        for i in range(0, m16, 16):
+            saved = _apply16(xs, d, i, pos, vals, s, saved)
+        for i in range(m16, m):  # the last few entries of x, one by one
+            xv = xs[i]
+            if is_f32(x):
+                y = xv - (zero - d[i])
+                yb = _f2u(y)
+                bad = _f2u(y - d[i]) != _f2u(xv)
+                orig = _f2u(xv)
+            else:
+                yb = _rne_bf16(_f2u(_u2f(np.uint32(xv) << np.uint32(16)) - (zero - d[i])))
+                bad = _rne_bf16(_f2u(_u2f(np.uint32(yb) << np.uint32(16)) - d[i])) != xv
+                orig = np.uint32(xv)
+            if bad:
+                pos[saved] = s + i
+                vals[saved] = orig
+                saved += 1
+            if is_f32(x):
+                xs[i] = _u2f(yb)
+            else:
+                xs[i] = yb
+        s += m
+    return s, saved
 
 
 @jit
-def switch_remove(x, bits, coefs, pos, vals):
-    """Undo ``switch_apply``: x -= d (same arithmetic), then the saved entries written back."""
-    n = x.shape[0]
-    d = np.empty(TILE, np.float32)
-    f = np.empty(TILE, np.float32)
-    fb = f.view(np.uint32)
-    for s in range(0, n, TILE):
-        m = min(TILE, n - s)
-        _switch_steps(bits, coefs, s, m, d)
-        widen(x, s, m, f)
+def switch_remove(x, bits, coefs, begin, end, pos, vals):
+    """Undo ``switch_apply`` on x[begin:end]: x -= d (same arithmetic), tile by tile, writing the
+    saved entries (positions in x, ascending, inside [begin, end)) back as each tile is done."""
+    d = np.empty(SW_TILE + SW_SLACK, np.float32)
+    j, npos = 0, pos.shape[0]
+    for s in range(begin, end, SW_TILE):
+        m = min(SW_TILE, end - s)
+        _steps(bits, coefs, s >> 3, m, d)
         xs = x[s:s + m]
         if is_f32(x):
             for i in range(m):
-                xs[i] = f[i] - d[i]
+                xs[i] = xs[i] - d[i]
         else:
             for i in range(m):
-                f[i] -= d[i]
-            for i in range(m):
-                xs[i] = _rne_bf16(fb[i])
-    for j in range(pos.shape[0]):
-        x[pos[j]] = vals[j]
+                xs[i] = _rne_bf16(_f2u(_u2f(np.uint32(xs[i]) << np.uint32(16)) - d[i]))
+        if is_f32(x):
+            xw = x.view(np.uint32)  # vals hold bits
+            while j < npos and pos[j] < s + m:
+                xw[pos[j]] = vals[j]
+                j += 1
+        else:
+            while j < npos and pos[j] < s + m:
+                x[pos[j]] = vals[j]
+                j += 1

@@ -80,6 +80,11 @@ def as_array(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _bits_of(np_dtype) -> type:
+    """The unsigned integer type of a kernel array's element bits (uint16 for bfloat16's, uint32 for float32)."""
+    return np.uint16 if np.dtype(np_dtype).itemsize == 2 else np.uint32
+
+
 def _k(name: str):
     ks = _numba()
     if ks is None:
@@ -98,15 +103,29 @@ def ties_block(base: np.ndarray, fts: np.ndarray, subtract: bool, thresholds: np
     _k("ties_block")(base, fts, subtract, np.asarray(thresholds, np.float32), np.float32(scaling), out)
 
 
-def switch_apply(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.ndarray, vals: np.ndarray) -> int:
-    """Add sum_t coefs[t] * B_t to a chunk in place (see mergeflow.runtime); returns the number
-    of entries saved to ``pos``/``vals`` for a bitwise removal."""
-    return int(_k("switch_apply")(x, bits, coefs, pos, vals))
+SWITCH_SLACK = 16  # switch_apply's pos/vals need this many entries beyond the last one saved
+SWITCH_TILE = 2048  # switch_apply stops early when fewer than SWITCH_TILE + SWITCH_SLACK entries are left
+
+
+def switch_pairs(bits: torch.Tensor) -> np.ndarray:
+    """A packed switch tensor's bits (uint8 [ceil(n/8), 2]: keep, sign) as the kernels read
+    them: uint16 [ceil(n/8)], each the byte pair keep | sign << 8 (a view, no copy)."""
+    return bits.numpy().view(np.uint16).reshape(-1)
+
+
+def switch_apply(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.ndarray, vals: np.ndarray) -> tuple[int, int]:
+    """Add sum_t coefs[t] * B_t to x in place from its start (see mergeflow.runtime), saving the
+    positions (int32, in x) and original bits (``vals``: uint32 for float32, uint16 for bfloat16)
+    of the entries subtraction cannot restore. ``bits``: uint16 [T, ceil(len(x)/8)] byte pairs
+    (``switch_pairs``). Stops at a tile boundary when ``pos`` runs short (fewer than
+    SWITCH_TILE + SWITCH_SLACK entries); returns (entries done, entries saved)."""
+    done, saved = _k("switch_apply")(x, bits, coefs, 0, pos, vals)
+    return int(done), int(saved)
 
 
 def switch_remove(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.ndarray, vals: np.ndarray) -> None:
-    """Undo ``switch_apply`` on the same chunk."""
-    _k("switch_remove")(x, bits, coefs, pos, vals)
+    """Undo ``switch_apply`` on x (the entries it did): subtract again, write the saved entries back."""
+    _k("switch_remove")(x, bits, coefs, 0, x.shape[0], pos, vals)
 
 
 def warm() -> float:
@@ -124,10 +143,11 @@ def warm() -> float:
         ties_block(base, fts, True, [0.0, 0.0], 1.0, out)
         kth_abs_tau(base, fts[0], True, 3)
         _k("sample_keys")(base, fts[0], True, 2, np.zeros(8, np.uint32))
-        bits = np.zeros((1, 2, 2), np.uint8)
-        x, pos, vals = np.zeros(16, np_dtype), np.zeros(16, np.int32), np.zeros(16, np_dtype)
-        n = switch_apply(x, bits, np.ones(1, np.float32), pos, vals)
-        switch_remove(x, bits, np.ones(1, np.float32), pos[:n], vals[:n])
+        bits, coefs = np.zeros((1, 2), np.uint16), np.ones(1, np.float32)
+        x = np.zeros(16, np_dtype)
+        pos, vals = np.zeros(SWITCH_TILE + SWITCH_SLACK, np.int32), np.zeros(SWITCH_TILE + SWITCH_SLACK, _bits_of(np_dtype))
+        _, n = switch_apply(x, bits, coefs, pos, vals)
+        switch_remove(x, bits, coefs, pos[:n], vals[:n])
     return time.perf_counter() - t0
 
 

@@ -139,6 +139,14 @@ class PackedTensor:
     shape: tuple[int, ...]
     scale: float
     n_kept: int
+    _pairs: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def pairs(self) -> np.ndarray:
+        """CPU bits as the fused kernel reads them (``kernels.switch_pairs``: a view, made once)."""
+        if self._pairs is None:
+            self._pairs = kernels.switch_pairs(self.bits)
+        return self._pairs
 
     @classmethod
     def from_ternary(cls, ternary: torch.Tensor, scale: float) -> "PackedTensor":
@@ -212,6 +220,14 @@ class _Plan:
 
     binary: list[tuple[float, PackedTensor]]  # (w_t * s_t, bits)
     dense: list[tuple[float, torch.Tensor]]  # (w_t, dense tensor)
+    _kernel: tuple[list[np.ndarray], np.ndarray] | None = None
+
+    def kernel_bits(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """(each switch's byte pairs as the fused kernel reads them, the coefficients as float32)."""
+        if self._kernel is None:
+            self._kernel = ([pt.pairs for _, pt in self.binary],
+                            np.array([c for c, _ in self.binary], dtype=np.float32))
+        return self._kernel
 
 
 @dataclass
@@ -223,6 +239,7 @@ class _Piece:
     length: int
     pos: torch.Tensor
     vals: torch.Tensor
+    fused: bool = False  # made by the fused CPU kernel: vals hold the entries' bits (uint32 / uint16)
 
 
 @dataclass
@@ -240,6 +257,36 @@ class _Backup:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+class _Arena:
+    """Backup storage of one worker thread for the fused kernel: blocks of int32 positions and
+    original bits handed out in order and reused by the next apply (steady-state applies
+    allocate and page-fault nothing)."""
+
+    BLOCK = 1 << 20  # entries per block
+
+    def __init__(self, bits: type):
+        self.bits = bits
+        self.blocks: list[tuple[np.ndarray, np.ndarray]] = []
+        self.block = self.used = 0
+
+    def reset(self) -> None:
+        self.block = self.used = 0
+
+    def take(self, want: int) -> tuple[np.ndarray, np.ndarray]:
+        """Free (pos, vals) space of at least ``want`` entries; ``commit`` what was filled."""
+        while True:
+            if self.block == len(self.blocks):
+                size = max(self.BLOCK, want)
+                self.blocks.append((np.empty(size, np.int32), np.empty(size, self.bits)))
+            pos, vals = self.blocks[self.block]
+            if len(pos) - self.used >= want:
+                return pos[self.used:], vals[self.used:]
+            self.block, self.used = self.block + 1, 0
+
+    def commit(self, n: int) -> None:
+        self.used += n
+
+
 class _Workspace:
     """Chunk-sized scratch buffers of one device (and worker thread), allocated on first use."""
 
@@ -247,6 +294,13 @@ class _Workspace:
         self.device, self.chunk = device, chunk
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self.last: torch.Tensor | None = None  # the last unpacked chunk (int8)
+        self.arenas: dict[int, _Arena] = {}  # by element size: the fused kernel's backups
+
+    def arena(self, itemsize: int) -> _Arena:
+        arena = self.arenas.get(itemsize)
+        if arena is None:
+            arena = self.arenas[itemsize] = _Arena(np.uint16 if itemsize == 2 else np.uint32)
+        return arena
 
     def get(self, key: str, dtype: torch.dtype, size: int | None = None) -> torch.Tensor:
         buf = self._bufs.get((key, dtype))
@@ -327,7 +381,7 @@ def _apply_chunks(flat: torch.Tensor, plan: _Plan, begin: int, end: int, ws: _Wo
     ibits = _BITS_VIEW.get(dtype)
     on_cpu = flat.device.type == "cpu"
     if _fused(flat):
-        return _apply_chunks_fused(flat, plan, begin, end, ws, sink)
+        return _apply_chunks_fused(kernels.as_array(flat), plan, begin, end, ws, sink)
     for start in range(begin, end, ws.chunk):
         length = min(ws.chunk, end - start)
         x = flat[start:start + length]
@@ -366,36 +420,43 @@ def _fused(flat: torch.Tensor) -> bool:
     return flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.bfloat16) and kernels.available()
 
 
-def _kernel_args(flat: torch.Tensor, plan: _Plan, start: int, length: int):
-    """The chunk as the kernel's array, its switches' bits [T, bytes, 2] and coefficients."""
-    x = kernels.as_array(flat[start:start + length])
-    lo, hi = start // 8, (start + length + 7) // 8
-    bits = np.stack([pt.bits[lo:hi].numpy() for _, pt in plan.binary])
-    coefs = np.array([c for c, _ in plan.binary], dtype=np.float32)
-    return x, bits, coefs
+def _kernel_view(x: np.ndarray, plan: _Plan, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries [start, end) of a tensor's kernel array ``x``, their switches' byte pairs
+    [T, bytes] and the coefficients; ``start`` is a multiple of 8."""
+    pairs, coefs = plan.kernel_bits()
+    lo, hi = start >> 3, (end + 7) >> 3
+    bits = pairs[0][None, lo:hi] if len(pairs) == 1 else np.stack([p[lo:hi] for p in pairs])
+    return x[start:end], bits, coefs
 
 
-def _apply_chunks_fused(flat: torch.Tensor, plan: _Plan, begin: int, end: int, ws: _Workspace, sink: list[_Piece]) -> None:
-    """``_apply_chunks`` in one fused pass per chunk (same arithmetic, same pieces)."""
-    pos, vals = ws.get("pos", torch.int32).numpy(), kernels.as_array(ws.get("vals", flat.dtype))
-    for start in range(begin, end, ws.chunk):
-        length = min(ws.chunk, end - start)
-        x, bits, coefs = _kernel_args(flat, plan, start, length)
-        n = kernels.switch_apply(x, bits, coefs, pos, vals)
-        saved = torch.from_numpy(vals[:n].copy()).view(flat.dtype)  # bfloat16 travels as its uint16 bits
-        sink.append(_Piece(start, length, torch.from_numpy(pos[:n].copy()), saved))
+def _apply_chunks_fused(x: np.ndarray, plan: _Plan, begin: int, end: int, ws: _Workspace, sink: list[_Piece]) -> None:
+    """``_apply_chunks`` by the fused kernel on a tensor's kernel array ``x``: the whole range in
+    as few calls as the worker's backup arena allows, one piece per call (same arithmetic, same
+    saved entries)."""
+    arena = ws.arena(x.itemsize)
+    want = kernels.SWITCH_TILE + kernels.SWITCH_SLACK
+    while begin < end:
+        xs, bits, coefs = _kernel_view(x, plan, begin, end)
+        pos, vals = arena.take(want)
+        done, n = kernels.switch_apply(xs, bits, coefs, pos, vals)
+        sink.append(_Piece(begin, done, torch.from_numpy(pos[:n]), torch.from_numpy(vals[:n]), fused=True))
+        arena.commit(n)
+        begin += done
 
 
-def _remove_chunks(flat: torch.Tensor, plan: _Plan, pieces: list[_Piece], ws: _Workspace) -> None:
-    """Undo ``pieces`` of ``flat``: subtract the step again, then write the saved entries back."""
+def _remove_chunks(flat: torch.Tensor, plan: _Plan, pieces: list[_Piece], ws: _Workspace,
+                   array: np.ndarray | None = None) -> None:
+    """Undo ``pieces`` of ``flat``: subtract the step again, then write the saved entries back.
+    ``array``: flat's kernel array, where the caller has it."""
     dtype, wdt = flat.dtype, _work_dtype(flat.dtype)
     ibits = _BITS_VIEW.get(dtype)
-    if _fused(flat):
-        for piece in pieces:
-            x, bits, coefs = _kernel_args(flat, plan, piece.start, piece.length)
-            kernels.switch_remove(x, bits, coefs, piece.pos.numpy(), kernels.as_array(piece.vals))
-        return
     for piece in pieces:
+        if piece.fused:
+            if array is None:
+                array = kernels.as_array(flat)
+            x, bits, coefs = _kernel_view(array, plan, piece.start, piece.start + piece.length)
+            kernels.switch_remove(x, bits, coefs, piece.pos.numpy(), piece.vals.numpy())
+            continue
         x = flat[piece.start:piece.start + piece.length]
         e, a = _step(ws, plan, piece.start, piece.length, wdt, forward=False)
         if dtype == wdt:
@@ -471,6 +532,7 @@ class SwitchRuntime:
                     raise MergeflowError(f"tensors {touched[ptr]} and {name} share memory (tied weights): give the runtime one of them")
             self.switches[key] = PackedSwitch(tensors, dense, list(packed.skipped), dict(packed.metadata))
         self._workspaces: dict[tuple[torch.device, int], _Workspace] = {}
+        self._arrays: dict[tuple[int, int, torch.dtype], np.ndarray] = {}
         self._pool: Any = None
         self._active: dict[str, float] | None = None
         self._plans: dict[str, _Plan] = {}
@@ -541,6 +603,9 @@ class SwitchRuntime:
         combo = self.weights_dict(weights)
         plans = self._plan(combo)
         self._active, self._plans, self._backup = combo, plans, {}
+        for ws in self._workspaces.values():  # the last combination's backups are no longer needed
+            for arena in ws.arenas.values():
+                arena.reset()
         try:
             tasks = []
             for name, plan in plans.items():
@@ -549,7 +614,8 @@ class SwitchRuntime:
                     self._apply_full(name, plan)
                 elif p.is_contiguous():
                     backup = self._backup[name] = _Backup()
-                    tasks.extend((self._apply_task, p.view(-1), plan, begin, end, backup.pieces) for begin, end in self._ranges(p))
+                    tasks.extend((end - begin, self._apply_task, p.view(-1), plan, begin, end, backup.pieces)
+                                 for begin, end in self._ranges(p))
                 else:  # a strided tensor: changed through a contiguous copy of it (one tensor at a time)
                     self._apply_strided(name, plan)
             self._run(tasks)
@@ -573,9 +639,15 @@ class SwitchRuntime:
                     _remove_chunks(flat, self._plans[name], backup.pieces, self._workspace(p.device))
                 p.copy_(flat.view(p.shape))
             else:
-                per = max(1, self._span(p.device) // self._workspace(p.device).chunk)
-                for i in range(0, len(backup.pieces), per):
-                    tasks.append((self._remove_task, p.view(-1), self._plans[name], backup.pieces[i:i + per]))
+                span, group, size = self._span(p.device), [], 0
+                for piece in backup.pieces:  # tasks of about one range's entries each
+                    group.append(piece)
+                    size += piece.length
+                    if size >= span:
+                        tasks.append((size, self._remove_task, p.view(-1), self._plans[name], group))
+                        group, size = [], 0
+                if group:
+                    tasks.append((size, self._remove_task, p.view(-1), self._plans[name], group))
         self._run(tasks)
         self._active, self._plans, self._backup = None, {}, {}
 
@@ -612,32 +684,55 @@ class SwitchRuntime:
         n, span = p.numel(), self._span(p.device)
         return [(begin, min(begin + span, n)) for begin in range(0, n, span)]
 
+    def _array(self, flat: torch.Tensor) -> np.ndarray:
+        """A contiguous CPU tensor's kernel array (``kernels.as_array``), made once per tensor."""
+        key = (flat.data_ptr(), flat.numel(), flat.dtype)
+        array = self._arrays.get(key)
+        if array is None:
+            array = self._arrays[key] = kernels.as_array(flat)
+        return array
+
     def _apply_task(self, flat, plan, begin, end, sink) -> None:
-        _apply_chunks(flat, plan, begin, end, self._workspace(flat.device), sink)
+        ws = self._workspace(flat.device)
+        if _fused(flat):
+            _apply_chunks_fused(self._array(flat), plan, begin, end, ws, sink)
+        else:
+            _apply_chunks(flat, plan, begin, end, ws, sink)
 
     def _remove_task(self, flat, plan, pieces) -> None:
-        _remove_chunks(flat, plan, pieces, self._workspace(flat.device))
+        _remove_chunks(flat, plan, pieces, self._workspace(flat.device), self._array(flat) if _fused(flat) else None)
 
     def _run(self, tasks: list[tuple]) -> None:
-        """Run (function, *args) tasks: CPU ones on the worker threads, the rest here, in order."""
-        cpu = [t for t in tasks if t[1].device.type == "cpu"]
+        """Run (entries, function, tensor, *args) tasks: other devices' here, in order; CPU ones
+        on the worker threads, in as many runs of consecutive tasks as there are workers, of
+        about equal entries each (one pool call per worker, not one per task)."""
+        cpu = [t for t in tasks if t[2].device.type == "cpu"]
         for task in tasks:
-            if task[1].device.type != "cpu":
-                task[0](*task[1:])
+            if task[2].device.type != "cpu":
+                task[1](*task[2:])
         if not cpu:
             return
         if self._workers == 1 or len(cpu) == 1:
             with _torch_threads(1):
-                for task in cpu:
-                    task[0](*task[1:])
+                _run_all(cpu)
             return
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="switch-runtime",
                                             initializer=torch.set_num_threads, initargs=(1,))
-        futures = [self._pool.submit(task[0], *task[1:]) for task in cpu]
-        errors = [f.exception() for f in futures]  # waits for every task
+        total, runs, run, size = sum(t[0] for t in cpu), [], [], 0
+        share = total / min(self._workers, len(cpu))
+        for task in cpu:
+            run.append(task)
+            size += task[0]
+            if size >= share * (len(runs) + 1) and len(runs) < self._workers - 1:
+                runs.append(run)
+                run = []
+        if run:
+            runs.append(run)
+        futures = [self._pool.submit(_run_all, run) for run in runs]
+        errors = [f.exception() for f in futures]  # waits for every run
         for error in errors:
             if error is not None:
                 raise error
@@ -668,6 +763,11 @@ class SwitchRuntime:
 @contextmanager
 def _null() -> Iterator[None]:
     yield
+
+
+def _run_all(tasks: list[tuple]) -> None:
+    for task in tasks:
+        task[1](*task[2:])
 
 
 # --- serving ---------------------------------------------------------------------------------------

@@ -333,6 +333,45 @@ def test_backup_holds_only_touched_entries(dtype):
         assert rt.backup_nbytes == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_backup_arena_and_both_paths_save_the_same_entries(dtype, monkeypatch, kernel_mode):
+    """Arena blocks only a little bigger than one kernel call needs: the fused kernel stops at
+    tile boundaries and the pieces chain across blocks. Whatever the path, the saved entries
+    (position, original bits) are exactly those where y - d would not give x back, and removal
+    is bitwise."""
+    from mergeflow import kernels
+
+    monkeypatch.setattr(rtmod._Arena, "BLOCK", kernels.SWITCH_TILE + kernels.SWITCH_SLACK + 40)
+    g = torch.Generator().manual_seed(8)
+    base = {f"w{i}": (torch.randn(n, generator=g) * 0.02).to(dtype) for i, n in enumerate((70_001, 9_000, 5))}
+    taus = [{k: torch.randn(v.shape, generator=g) * 3e-3 for k, v in base.items()} for _ in range(2)]
+    switches = {f"t{i}": compress(t.items(), DROP) for i, t in enumerate(taus)}
+    snapshot = {k: v.clone() for k, v in base.items()}
+    rt = SwitchRuntime(base, switches, workers=2)
+    for weights in ({"t0": 1.0}, {"t0": 0.4, "t1": -1.3}):
+        rt.apply(weights)
+        for name, x in snapshot.items():
+            d = torch.zeros(x.numel())  # the step, summed in float32 from +0.0 in switch order
+            for task, w in weights.items():
+                st = switches[task].tensors[name]
+                d += torch.tensor(w * st.scale, dtype=torch.float32).item() * st.ternary.reshape(-1).float()
+            y = (x.float() - (0 - d)).to(dtype)
+            z = (y.float() - d).to(dtype)
+            ibits = torch.int32 if dtype == torch.float32 else torch.int16
+            want = torch.nonzero(z.view(ibits) != x.view(ibits)).squeeze(1)
+            assert same_bits(base[name], y), name
+            pieces = rt._backup[name].pieces
+            got = torch.cat([p.pos.long() + p.start for p in pieces])
+            assert torch.equal(got, want), (name, got.numel(), want.numel())
+            vals = torch.cat([p.vals.view(ibits) for p in pieces])  # original values, or their bits (fused)
+            assert torch.equal(vals, x.view(ibits)[want]), name
+            if kernel_mode == "auto" and name == "w0":
+                assert len(pieces) > 2  # the arena ran short several times
+        rt.remove()
+        assert all(same_bits(base[k], snapshot[k]) for k in base)
+    rt.close()
+
+
 def test_packed_switch_memory(switches):
     packed = PackedSwitch.from_switch(switches["a"])
     n = sum(t.ternary.numel() for t in switches["a"].tensors.values())
