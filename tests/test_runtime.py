@@ -270,17 +270,21 @@ def test_a_failing_apply_is_undone(switches, monkeypatch):
     base = make_base()
     snapshot = {k: v.clone() for k, v in base.items()}
     rt = SwitchRuntime(base, switches, chunk=64, workers=1)
-    real, calls = rtmod._apply_chunks, []
+    calls = []
 
-    def flaky(*args):
-        calls.append(1)
-        if len(calls) == 7:
-            raise RuntimeError("device lost")
-        return real(*args)
+    def flaky(real):  # the 4th range fails, on whichever path (fused kernel or torch ops) runs
+        def run(*args):
+            calls.append(1)
+            if len(calls) == 4:
+                raise RuntimeError("device lost")
+            return real(*args)
+        return run
 
-    monkeypatch.setattr(rtmod, "_apply_chunks", flaky)
+    for name in ("_apply_chunks", "_apply_chunks_fused"):
+        monkeypatch.setattr(rtmod, name, flaky(getattr(rtmod, name)))
     with pytest.raises(RuntimeError, match="device lost"):
         rt.apply({"a": 0.4, "b": 0.6})
+    assert len(calls) == 4
     assert rt.active is None and rt.backup_nbytes == 0
     assert all(same_bits(base[k], snapshot[k]) for k in base)
 
