@@ -281,24 +281,30 @@ def _compress16(typingctx, flags, src, pos, vals, i, base, saved):
     return sig, codegen
 
 
+def _splat(builder, vty, value):
+    first = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(first, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
+
+
+def _step_vector(builder, w, c):
+    """<16 x float>: the steps c * B of the 16 entries whose two byte pairs (keep | sign << 8)
+    ``w`` holds: +c where kept and positive, -c where kept and negative, +0.0 elsewhere."""
+    i16, v16, v1 = ir.IntType(16), ir.VectorType(ir.FloatType(), 16), ir.VectorType(ir.IntType(1), 16)
+    low, high = ir.Constant(_I32, 0xFF), ir.Constant(_I32, 0xFF00)
+    keep = builder.or_(builder.and_(w, low), builder.and_(builder.lshr(w, ir.Constant(_I32, 8)), high))
+    sign = builder.or_(builder.and_(builder.lshr(w, ir.Constant(_I32, 8)), low),
+                       builder.and_(builder.lshr(w, ir.Constant(_I32, 16)), high))
+    km = builder.bitcast(builder.trunc(keep, i16), v1)
+    sm = builder.bitcast(builder.trunc(sign, i16), v1)
+    signed = builder.select(sm, _splat(builder, v16, builder.fneg(c)), _splat(builder, v16, c))
+    return builder.select(km, signed, ir.Constant(v16, None))
+
+
 def _step16_codegen(add):
     def codegen(context, builder, sig, args):
         w, c, dary, i = args
-        i16, v16 = ir.IntType(16), ir.VectorType(ir.FloatType(), 16)
-        mask16 = ir.Constant(_I32, 0xFF)
-        lo = builder.and_(w, mask16)
-        keep = builder.or_(lo, builder.and_(builder.lshr(w, ir.Constant(_I32, 8)), ir.Constant(_I32, 0xFF00)))
-        sign = builder.or_(builder.and_(builder.lshr(w, ir.Constant(_I32, 8)), mask16),
-                           builder.and_(builder.lshr(w, ir.Constant(_I32, 16)), ir.Constant(_I32, 0xFF00)))
-        v1 = ir.VectorType(ir.IntType(1), 16)
-        km = builder.bitcast(builder.trunc(keep, i16), v1)
-        sm = builder.bitcast(builder.trunc(sign, i16), v1)
-
-        def splat(value):
-            first = builder.insert_element(ir.Constant(v16, ir.Undefined), value, ir.Constant(_I32, 0))
-            return builder.shuffle_vector(first, ir.Constant(v16, ir.Undefined), ir.Constant(ir.VectorType(_I32, 16), [0] * 16))
-
-        val = builder.select(km, builder.select(sm, splat(builder.fneg(c)), splat(c)), ir.Constant(v16, None))
+        v16 = ir.VectorType(ir.FloatType(), 16)
+        val = _step_vector(builder, w, c)
         data = context.make_array(sig.args[2])(context, builder, dary).data
         ptr = builder.bitcast(builder.gep(data, [i]), v16.as_pointer())
         if add:
@@ -350,11 +356,72 @@ def _rne_bf16(u):
     return np.uint16((u + ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16))
 
 
+def _x16(context, builder, sig, xa, i):
+    """(pointer to x[i:i+16] as a vector, that vector as float32 lanes, its raw bits)."""
+    half = sig.args[0].dtype.bitwidth == 16
+    v16, vi32 = ir.VectorType(ir.FloatType(), 16), ir.VectorType(_I32, 16)
+    vx = ir.VectorType(ir.IntType(16 if half else 32), 16)
+    data = context.make_array(sig.args[0])(context, builder, xa).data
+    xp = builder.bitcast(builder.gep(data, [i]), vx.as_pointer())
+    xbits = builder.load(xp, align=vx.element.width // 8)
+    if half:
+        return xp, builder.bitcast(builder.shl(builder.zext(xbits, vi32), ir.Constant(vi32, [16] * 16)), v16), xbits
+    return xp, builder.bitcast(xbits, v16), xbits
+
+
+def _rne16(builder, f, vx):
+    """float32 lanes -> bfloat16 bits (vx), nearest even, NaN -> 0x7FC0 (as ``_rne_bf16``)."""
+    vi32 = ir.VectorType(_I32, 16)
+
+    def splat32(value):
+        return ir.Constant(vi32, [value] * 16)
+
+    u = builder.bitcast(f, vi32)
+    lsb = builder.and_(builder.lshr(u, splat32(16)), splat32(1))
+    r = builder.lshr(builder.add(builder.add(u, lsb), splat32(0x7FFF)), splat32(16))
+    nan = builder.icmp_unsigned(">", builder.and_(u, splat32(0x7FFFFFFF)), splat32(0x7F800000))
+    return builder.trunc(builder.select(nan, splat32(0x7FC0), r), vx)
+
+
+def _sub16_codegen(context, builder, sig, args):
+    """x[i:i+16] -= the steps of (w, c), as ``switch_remove`` computes it (bfloat16: rounded once)."""
+    xa, w, c, i = args
+    xp, x, xbits = _x16(context, builder, sig, xa, i)
+    z = builder.fsub(x, _step_vector(builder, w, c))
+    if sig.args[0].dtype.bitwidth == 16:
+        builder.store(_rne16(builder, z, xbits.type), xp, align=2)
+    else:
+        builder.store(builder.bitcast(z, xbits.type), xp, align=4)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _sub16w(typingctx, x, w, c, i):
+    """x[i:i+16] -= the 16 steps of one switch (see ``_step_vector``)."""
+    return types.none(x, types.uint32, types.float32, types.intp), _sub16_codegen
+
+
+def _apply16w_codegen(context, builder, sig, args):
+    xa, w, c, i, pa, va, base, saved = args
+    return _apply16_body(context, builder, sig, (xa, i, pa, va, base, saved), (4, 5), lambda: _step_vector(builder, w, c))
+
+
 def _apply16_codegen(context, builder, sig, args):
+    xa, da, i, pa, va, base, saved = args
+    v16 = ir.VectorType(ir.FloatType(), 16)
+
+    def steps():
+        data = context.make_array(sig.args[1])(context, builder, da).data
+        return builder.load(builder.bitcast(builder.gep(data, [i]), v16.as_pointer()), align=4)
+    return _apply16_body(context, builder, sig, (xa, i, pa, va, base, saved), (3, 4), steps)
+
+
+def _apply16_body(context, builder, sig, args, out_types, step):
     """16 entries of ``switch_apply`` in SIMD registers: y = x - (0 - d) (bfloat16: widened, rounded
     once to nearest even), z = y - d likewise, y stored, and the lanes where z differs from x
-    bitwise compressed onto pos/vals (positions base + i + lane, original bits)."""
-    xa, da, i, pa, va, base, saved = args
+    bitwise compressed onto pos/vals (positions base + i + lane, original bits). ``out_types``:
+    the positions of pos and vals among the intrinsic's arguments; ``step()`` makes d."""
+    xa, i, pa, va, base, saved = args
     xty = sig.args[0]
     half = xty.dtype.bitwidth == 16
     f32, v16 = ir.FloatType(), ir.VectorType(ir.FloatType(), 16)
@@ -365,34 +432,20 @@ def _apply16_codegen(context, builder, sig, args):
         data = context.make_array(sig.args[k])(context, builder, ary).data
         return builder.bitcast(builder.gep(data, [index]), vty.as_pointer())
 
-    def splat32(value):
-        return ir.Constant(vi32, [value] * 16)
-
     def widen(h):  # bfloat16 bits -> float32
-        return builder.bitcast(builder.shl(builder.zext(h, vi32), splat32(16)), v16)
+        return builder.bitcast(builder.shl(builder.zext(h, vi32), ir.Constant(vi32, [16] * 16)), v16)
 
-    def rne(f):  # float32 -> bfloat16 bits, nearest even, NaN -> 0x7FC0
-        u = builder.bitcast(f, vi32)
-        lsb = builder.and_(builder.lshr(u, splat32(16)), splat32(1))
-        r = builder.lshr(builder.add(builder.add(u, lsb), splat32(0x7FFF)), splat32(16))
-        nan = builder.icmp_unsigned(">", builder.and_(u, splat32(0x7FFFFFFF)), splat32(0x7F800000))
-        return builder.trunc(builder.select(nan, splat32(0x7FC0), r), vx)
-
-    xp = ptr(0, xa, i, vx)
-    xbits = builder.load(xp, align=vx.element.width // 8)
-    d = builder.load(ptr(1, da, i, v16), align=4)
-    x = widen(xbits) if half else builder.bitcast(xbits, v16)
+    xp, x, xbits = _x16(context, builder, sig, xa, i)
+    d = step()
     y = builder.fsub(x, builder.fsub(ir.Constant(v16, None), d))
-    ybits = rne(y) if half else builder.bitcast(y, vx)
+    ybits = _rne16(builder, y, vx) if half else builder.bitcast(y, vx)
     z = builder.fsub(widen(ybits) if half else y, d)
-    zbits = rne(z) if half else builder.bitcast(z, vx)
+    zbits = _rne16(builder, z, vx) if half else builder.bitcast(z, vx)
     mask = builder.icmp_unsigned("!=", zbits, xbits)
     builder.store(ybits, xp, align=vx.element.width // 8)
-    first = builder.insert_element(ir.Constant(vi32, ir.Undefined), builder.trunc(builder.add(base, i), _I32),
-                                   ir.Constant(_I32, 0))
-    index = builder.add(builder.shuffle_vector(first, ir.Constant(vi32, ir.Undefined), ir.Constant(vi32, [0] * 16)),
-                        ir.Constant(vi32, list(range(16))))
-    for k, ary, vec, vty in ((4, va, xbits, vx), (3, pa, index, vi32)):
+    index = builder.add(_splat(builder, vi32, builder.trunc(builder.add(base, i), _I32)), ir.Constant(vi32, list(range(16))))
+    pos_k, vals_k = out_types
+    for k, ary, vec, vty in ((vals_k, va, xbits, vx), (pos_k, pa, index, vi32)):
         name = f"llvm.experimental.vector.compress.v16i{vty.element.width}"
         packed = builder.call(_declare(builder.module, name, vty, [vty, v1, vty]), [vec, mask, ir.Constant(vty, None)])
         builder.store(packed, ptr(k, ary, saved, vty), align=vty.element.width // 8)
@@ -404,8 +457,99 @@ def _apply16_codegen(context, builder, sig, args):
 @intrinsic
 def _apply16(typingctx, x, d, i, pos, vals, base, saved):
     """Entries i..i+15 of x (float32, or bfloat16 as uint16 bits) plus the steps d[i:i+16]; see
-    ``_apply16_codegen``. Returns the new count of saved entries (pos/vals need SW_SLACK spare)."""
+    ``_apply16_body``. Returns the new count of saved entries (pos/vals need SW_SLACK spare)."""
     return types.intp(x, d, types.intp, pos, vals, types.intp, types.intp), _apply16_codegen
+
+
+@intrinsic
+def _apply16w(typingctx, x, w, c, i, pos, vals, base, saved):
+    """``_apply16`` with the steps of one switch made in registers from its bits ``w`` and ``c``."""
+    return types.intp(x, types.uint32, types.float32, types.intp, pos, vals, types.intp, types.intp), _apply16w_codegen
+
+
+@jit
+def _word(row, b):
+    """The uint32 of byte pairs b and b + 1 of a switch row (the second 0 past the end)."""
+    w = np.uint32(row[b])
+    if b + 1 < row.shape[0]:
+        w |= np.uint32(row[b + 1]) << np.uint32(16)
+    return w
+
+
+@jit
+def _apply_tile(x, s, m, bits, coefs, d, pos, vals, saved, origin):
+    """x[s:s+m] += the steps of bits/coefs (see ``switch_apply``), appending the entries to save
+    (positions counted from ``origin``); returns the new count. One switch: the steps are made
+    in registers; several: summed into d first (``_steps``)."""
+    xs = x[s:s + m]
+    base = s - origin
+    zero = np.float32(0.0)
+    m16 = m & ~15
+    b0 = s >> 3
+    if bits.shape[0] == 1:
+        row, c = bits[0], coefs[0]
+        for i in range(0, m16, 16):
+            saved = _apply16w(xs, _word(row, b0 + (i >> 3)), c, i, pos, vals, base, saved)
+        if m16 == m:
+            return saved
+        _set16(_word(row, b0 + (m16 >> 3)), c, d, m16)  # the steps of the last few entries
+    else:
+        _steps(bits, coefs, b0, m, d)
+        for i in range(0, m16, 16):
+            saved = _apply16(xs, d, i, pos, vals, base, saved)
+    for i in range(m16, m):  # the last few entries of x, one by one
+        xv = xs[i]
+        if is_f32(x):
+            y = xv - (zero - d[i])
+            yb = _f2u(y)
+            bad = _f2u(y - d[i]) != _f2u(xv)
+            orig = _f2u(xv)
+        else:
+            yb = _rne_bf16(_f2u(_u2f(np.uint32(xv) << np.uint32(16)) - (zero - d[i])))
+            bad = _rne_bf16(_f2u(_u2f(np.uint32(yb) << np.uint32(16)) - d[i])) != xv
+            orig = np.uint32(xv)
+        if bad:
+            pos[saved] = base + i
+            vals[saved] = orig
+            saved += 1
+        if is_f32(x):
+            xs[i] = _u2f(yb)
+        else:
+            xs[i] = yb
+    return saved
+
+
+@jit
+def _remove_tile(x, s, m, bits, coefs, d, pos, vals, j):
+    """x[s:s+m] -= the steps of bits/coefs, then the saved entries pos[j:] below s + m written
+    back; returns the index of the first saved entry not written."""
+    xs = x[s:s + m]
+    npos = pos.shape[0]
+    b0 = s >> 3
+    done = 0
+    if bits.shape[0] == 1:
+        row, c = bits[0], coefs[0]
+        done = m & ~15
+        for i in range(0, done, 16):
+            _sub16w(xs, _word(row, b0 + (i >> 3)), c, i)
+        if done < m:
+            _set16(_word(row, b0 + (done >> 3)), c, d, done)
+    else:
+        _steps(bits, coefs, b0, m, d)
+    if is_f32(x):
+        for i in range(done, m):
+            xs[i] = xs[i] - d[i]
+        xw = x.view(np.uint32)  # vals hold bits
+        while j < npos and pos[j] < s + m:
+            xw[pos[j]] = vals[j]
+            j += 1
+    else:
+        for i in range(done, m):
+            xs[i] = _rne_bf16(_f2u(_u2f(np.uint32(xs[i]) << np.uint32(16)) - d[i]))
+        while j < npos and pos[j] < s + m:
+            x[pos[j]] = vals[j]
+            j += 1
+    return j
 
 
 @jit
@@ -413,66 +557,48 @@ def switch_apply(x, bits, coefs, start, pos, vals):
     """Add the step d (see ``_steps``) to x[start:] in place, tile by tile, as y = x - (0 - d)
     in float32 (bfloat16, as its uint16 bits: widened, rounded once to nearest even), which
     leaves every entry with d = +0 bitwise as it was. Entries where removal's z = y - d would
-    not give x back bitwise get their positions (in x) and original values (bits) appended to
-    pos/vals. Stops early when fewer than SW_TILE + SW_SLACK entries of pos are left; returns
+    not give x back bitwise get their positions (counted from ``start``) and original values
+    (bits) appended to pos/vals. Stops early when fewer than SW_TILE + SW_SLACK entries of pos are left; returns
     (where it stopped, entries saved). ``start`` is a multiple of 8."""
     n = x.shape[0]
     d = np.empty(SW_TILE + SW_SLACK, np.float32)
-    zero = np.float32(0.0)
     saved = 0
     s = start
     while s < n and pos.shape[0] - saved >= SW_TILE + SW_SLACK:
         m = min(SW_TILE, n - s)
-        _steps(bits, coefs, s >> 3, m, d)
-        xs = x[s:s + m]
-        m16 = m & ~15
-        for i in range(0, m16, 16):
-            saved = _apply16(xs, d, i, pos, vals, s, saved)
-        for i in range(m16, m):  # the last few entries of x, one by one
-            xv = xs[i]
-            if is_f32(x):
-                y = xv - (zero - d[i])
-                yb = _f2u(y)
-                bad = _f2u(y - d[i]) != _f2u(xv)
-                orig = _f2u(xv)
-            else:
-                yb = _rne_bf16(_f2u(_u2f(np.uint32(xv) << np.uint32(16)) - (zero - d[i])))
-                bad = _rne_bf16(_f2u(_u2f(np.uint32(yb) << np.uint32(16)) - d[i])) != xv
-                orig = np.uint32(xv)
-            if bad:
-                pos[saved] = s + i
-                vals[saved] = orig
-                saved += 1
-            if is_f32(x):
-                xs[i] = _u2f(yb)
-            else:
-                xs[i] = yb
+        saved = _apply_tile(x, s, m, bits, coefs, d, pos, vals, saved, start)
         s += m
     return s, saved
 
 
 @jit
 def switch_remove(x, bits, coefs, begin, end, pos, vals):
-    """Undo ``switch_apply`` on x[begin:end]: x -= d (same arithmetic), tile by tile, writing the
-    saved entries (positions in x, ascending, inside [begin, end)) back as each tile is done."""
+    """Undo ``switch_apply`` on x[begin:end] (``begin`` a multiple of 8): x -= d (same
+    arithmetic), tile by tile, writing the saved entries (positions in x, ascending) inside
+    [begin, end) back as each tile is done."""
     d = np.empty(SW_TILE + SW_SLACK, np.float32)
-    j, npos = 0, pos.shape[0]
+    j = np.searchsorted(pos, begin)
     for s in range(begin, end, SW_TILE):
         m = min(SW_TILE, end - s)
-        _steps(bits, coefs, s >> 3, m, d)
-        xs = x[s:s + m]
-        if is_f32(x):
-            for i in range(m):
-                xs[i] = xs[i] - d[i]
-        else:
-            for i in range(m):
-                xs[i] = _rne_bf16(_f2u(_u2f(np.uint32(xs[i]) << np.uint32(16)) - d[i]))
-        if is_f32(x):
-            xw = x.view(np.uint32)  # vals hold bits
-            while j < npos and pos[j] < s + m:
-                xw[pos[j]] = vals[j]
-                j += 1
-        else:
-            while j < npos and pos[j] < s + m:
-                x[pos[j]] = vals[j]
-                j += 1
+        j = _remove_tile(x, s, m, bits, coefs, d, pos, vals, j)
+
+
+@jit
+def switch_swap(x, bits_a, coefs_a, pos_a, vals_a, bits_b, coefs_b, start, pos, vals):
+    """Go from combination A (applied by ``switch_apply`` with bits_a/coefs_a, its saved entries
+    pos_a/vals_a) to combination B in one pass over x[start:]: per tile, A removed exactly as
+    ``switch_remove`` does, then B applied exactly as ``switch_apply`` does (its saved entries
+    appended to pos/vals, positions counted from ``start``) while the tile is in cache. Same
+    results as the two calls; stops early like ``switch_apply``; returns (where it stopped,
+    entries saved). pos_a holds positions in x."""
+    n = x.shape[0]
+    d = np.empty(SW_TILE + SW_SLACK, np.float32)
+    j = np.searchsorted(pos_a, start)
+    saved = 0
+    s = start
+    while s < n and pos.shape[0] - saved >= SW_TILE + SW_SLACK:
+        m = min(SW_TILE, n - s)
+        j = _remove_tile(x, s, m, bits_a, coefs_a, d, pos_a, vals_a, j)
+        saved = _apply_tile(x, s, m, bits_b, coefs_b, d, pos, vals, saved, start)
+        s += m
+    return s, saved

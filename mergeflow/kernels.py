@@ -123,9 +123,21 @@ def switch_apply(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.nda
     return int(done), int(saved)
 
 
-def switch_remove(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.ndarray, vals: np.ndarray) -> None:
-    """Undo ``switch_apply`` on x (the entries it did): subtract again, write the saved entries back."""
-    _k("switch_remove")(x, bits, coefs, 0, x.shape[0], pos, vals)
+def switch_remove(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.ndarray, vals: np.ndarray,
+                  begin: int = 0) -> None:
+    """Undo ``switch_apply`` on x[begin:] (``begin`` a multiple of 8): subtract again and write
+    the saved entries (positions in x) back."""
+    _k("switch_remove")(x, bits, coefs, begin, x.shape[0], pos, vals)
+
+
+def switch_swap(x: np.ndarray, bits_a: np.ndarray, coefs_a: np.ndarray, pos_a: np.ndarray, vals_a: np.ndarray,
+                bits_b: np.ndarray, coefs_b: np.ndarray, start: int, pos: np.ndarray, vals: np.ndarray) -> tuple[int, int]:
+    """From combination A (applied to x by ``switch_apply``, saved entries pos_a/vals_a) to B on
+    x[start:] in one pass, bitwise as ``switch_remove`` then ``switch_apply`` would leave it; B's
+    saved positions count from ``start``. Stops like ``switch_apply``; returns (where it stopped
+    in x, entries saved)."""
+    done, saved = _k("switch_swap")(x, bits_a, coefs_a, pos_a, vals_a, bits_b, coefs_b, start, pos, vals)
+    return int(done), int(saved)
 
 
 def warm() -> float:
@@ -145,9 +157,11 @@ def warm() -> float:
         _k("sample_keys")(base, fts[0], True, 2, np.zeros(8, np.uint32))
         bits, coefs = np.zeros((1, 2), np.uint16), np.ones(1, np.float32)
         x = np.zeros(16, np_dtype)
-        pos, vals = np.zeros(SWITCH_TILE + SWITCH_SLACK, np.int32), np.zeros(SWITCH_TILE + SWITCH_SLACK, _bits_of(np_dtype))
+        (pos, vals), (pos2, vals2) = ((np.zeros(SWITCH_TILE + SWITCH_SLACK, np.int32),
+                                       np.zeros(SWITCH_TILE + SWITCH_SLACK, _bits_of(np_dtype))) for _ in range(2))
         _, n = switch_apply(x, bits, coefs, pos, vals)
-        switch_remove(x, bits, coefs, pos[:n], vals[:n])
+        _, n = switch_swap(x, bits, coefs, pos[:n], vals[:n], bits, coefs, 0, pos2, vals2)
+        switch_remove(x, bits, coefs, pos2[:n], vals2[:n])
     return time.perf_counter() - t0
 
 

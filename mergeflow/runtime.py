@@ -244,9 +244,11 @@ class _Piece:
 
 @dataclass
 class _Backup:
-    """What removal needs for one tensor: the whole tensor (``full``, a dense-touched tensor) or
-    one piece per changed chunk (appended as each chunk is changed, so a failed apply can be undone)."""
+    """What removal needs for one tensor: the plan that changed it and the whole tensor (``full``,
+    a dense-touched tensor) or one piece per changed chunk (appended as each chunk is changed,
+    so a failed apply can be undone)."""
 
+    plan: _Plan
     full: torch.Tensor | None = None
     pieces: list[_Piece] = field(default_factory=list)
     in_place: bool = True
@@ -294,12 +296,13 @@ class _Workspace:
         self.device, self.chunk = device, chunk
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self.last: torch.Tensor | None = None  # the last unpacked chunk (int8)
-        self.arenas: dict[int, _Arena] = {}  # by element size: the fused kernel's backups
+        self.arenas: dict[tuple[int, int], _Arena] = {}  # by (element size, generation): the fused kernel's backups
+        self.gen = 0  # the generation new backups go to (the runtime alternates two: see SwitchRuntime.switch)
 
     def arena(self, itemsize: int) -> _Arena:
-        arena = self.arenas.get(itemsize)
+        arena = self.arenas.get((itemsize, self.gen))
         if arena is None:
-            arena = self.arenas[itemsize] = _Arena(np.uint16 if itemsize == 2 else np.uint32)
+            arena = self.arenas[(itemsize, self.gen)] = _Arena(np.uint16 if itemsize == 2 else np.uint32)
         return arena
 
     def get(self, key: str, dtype: torch.dtype, size: int | None = None) -> torch.Tensor:
@@ -533,6 +536,7 @@ class SwitchRuntime:
             self.switches[key] = PackedSwitch(tensors, dense, list(packed.skipped), dict(packed.metadata))
         self._workspaces: dict[tuple[torch.device, int], _Workspace] = {}
         self._arrays: dict[tuple[int, int, torch.dtype], np.ndarray] = {}
+        self._gen = 0
         self._pool: Any = None
         self._active: dict[str, float] | None = None
         self._plans: dict[str, _Plan] = {}
@@ -599,28 +603,59 @@ class SwitchRuntime:
         weight per switch in ``names`` order; switches left out or weighted 0 do nothing).
         On failure whatever was changed is restored before the error propagates."""
         if self._active is not None:
-            raise MergeflowError(f"a switch combination is already applied ({self._active}): remove() it first")
+            raise MergeflowError(f"a switch combination is already applied ({self._active}): remove() it first, or switch()")
         combo = self.weights_dict(weights)
         plans = self._plan(combo)
         self._active, self._plans, self._backup = combo, plans, {}
-        for ws in self._workspaces.values():  # the last combination's backups are no longer needed
-            for arena in ws.arenas.values():
-                arena.reset()
+        self._next_generation()
         try:
             tasks = []
             for name, plan in plans.items():
-                p = self.params[name].detach()
-                if plan.dense:
-                    self._apply_full(name, plan)
-                elif p.is_contiguous():
-                    backup = self._backup[name] = _Backup()
-                    tasks.extend((end - begin, self._apply_task, p.view(-1), plan, begin, end, backup.pieces)
-                                 for begin, end in self._ranges(p))
-                else:  # a strided tensor: changed through a contiguous copy of it (one tensor at a time)
-                    self._apply_strided(name, plan)
+                tasks.extend(self._apply_tasks(name, plan))
             self._run(tasks)
         except BaseException:
             self.remove()
+            raise
+
+    @torch.no_grad()
+    def switch(self, weights: Mapping[str, Any] | torch.Tensor) -> None:
+        """Go from the applied combination to ``weights`` (``apply`` when none is applied): the
+        weights end bitwise as ``remove()`` then ``apply(weights)`` would leave them, with one
+        pass over each tensor both combinations touch (fused CPU kernels: the old step is taken
+        off and the new one put on tile by tile, while the tile is in cache) instead of two.
+        On failure the weights are restored to the base before the error propagates."""
+        if self._active is None:
+            return self.apply(weights)
+        combo = self.weights_dict(weights)
+        if combo == self._active:
+            return
+        plans = self._plan(combo)
+        old = self._backup
+        swap = {name for name, plan in plans.items() if self._swappable(name, plan, old.get(name))}
+        self._run(self._remove_tasks({name: b for name, b in old.items() if name not in swap}))
+        self._active, self._plans, self._backup = combo, plans, {}
+        self._next_generation()
+        swapped: dict[int, int] = {}  # id(old piece) -> its entries swapped so far
+        try:
+            tasks = []
+            for name, plan in plans.items():
+                if name not in swap:
+                    tasks.extend(self._apply_tasks(name, plan))
+                    continue
+                flat, backup = self.params[name].detach().view(-1), _Backup(plan)
+                self._backup[name] = backup
+                tasks.extend((piece.length, self._swap_task, flat, old[name].plan, plan, piece, backup.pieces, swapped)
+                             for piece in old[name].pieces)
+            self._run(tasks)
+        except BaseException:
+            left = {}  # the old combination where it was not swapped yet
+            for name in swap:
+                pieces = [_tail(piece, swapped.get(id(piece), 0)) for piece in old[name].pieces]
+                left[name] = _Backup(old[name].plan, pieces=[p for p in pieces if p.length])
+            try:
+                self._run(self._remove_tasks(left))
+            finally:
+                self.remove()
             raise
 
     @torch.no_grad()
@@ -628,28 +663,64 @@ class SwitchRuntime:
         """Restore the weights bitwise to what they were before ``apply`` (no-op when nothing is applied)."""
         if self._active is None:
             return
+        self._run(self._remove_tasks(self._backup))
+        self._active, self._plans, self._backup = None, {}, {}
+
+    def _next_generation(self) -> None:
+        """New backups go to the other generation of every worker's arenas (the current one may
+        still hold the backups a switch reads), emptied first."""
+        self._gen ^= 1
+        for ws in self._workspaces.values():
+            ws.gen = self._gen
+            for (_, gen), arena in ws.arenas.items():
+                if gen == self._gen:
+                    arena.reset()
+
+    def _apply_tasks(self, name: str, plan: _Plan) -> list[tuple]:
+        """Apply ``plan`` to tensor ``name``: dense-touched and strided tensors now, contiguous
+        ones as tasks (one per range) recording their backup in ``_backup``."""
+        p = self.params[name].detach()
+        if plan.dense:
+            self._apply_full(name, plan)
+            return []
+        if not p.is_contiguous():  # changed through a contiguous copy of it (one tensor at a time)
+            self._apply_strided(name, plan)
+            return []
+        backup = self._backup[name] = _Backup(plan)
+        return [(end - begin, self._apply_task, p.view(-1), plan, begin, end, backup.pieces) for begin, end in self._ranges(p)]
+
+    def _remove_tasks(self, backups: Mapping[str, _Backup]) -> list[tuple]:
+        """Undo ``backups``: whole-tensor and strided ones now, the rest as tasks of about one
+        range's entries each."""
         tasks = []
-        for name, backup in self._backup.items():
+        for name, backup in backups.items():
             p = self.params[name].detach()
             if backup.full is not None:
                 p.copy_(backup.full)
             elif not backup.in_place:
                 flat = p.contiguous().view(-1)
                 with _torch_threads(1) if p.device.type == "cpu" else _null():
-                    _remove_chunks(flat, self._plans[name], backup.pieces, self._workspace(p.device))
+                    _remove_chunks(flat, backup.plan, backup.pieces, self._workspace(p.device))
                 p.copy_(flat.view(p.shape))
             else:
                 span, group, size = self._span(p.device), [], 0
-                for piece in backup.pieces:  # tasks of about one range's entries each
+                for piece in backup.pieces:
                     group.append(piece)
                     size += piece.length
                     if size >= span:
-                        tasks.append((size, self._remove_task, p.view(-1), self._plans[name], group))
+                        tasks.append((size, self._remove_task, p.view(-1), backup.plan, group))
                         group, size = [], 0
                 if group:
-                    tasks.append((size, self._remove_task, p.view(-1), self._plans[name], group))
-        self._run(tasks)
-        self._active, self._plans, self._backup = None, {}, {}
+                    tasks.append((size, self._remove_task, p.view(-1), backup.plan, group))
+        return tasks
+
+    def _swappable(self, name: str, plan: _Plan, backup: _Backup | None) -> bool:
+        """Whether ``switch`` can take tensor ``name`` from ``backup``'s combination to ``plan``'s
+        in one fused pass (both binary-only, the tensor contiguous, every piece the kernel's)."""
+        if backup is None or plan.dense or backup.plan.dense or backup.full is not None or not backup.in_place:
+            return False
+        flat = self.params[name].detach()
+        return flat.is_contiguous() and _fused(flat.view(-1)) and all(piece.fused for piece in backup.pieces)
 
     @contextmanager
     def use(self, weights: Mapping[str, Any] | torch.Tensor) -> Iterator["SwitchRuntime"]:
@@ -674,6 +745,7 @@ class SwitchRuntime:
         if ws is None:
             chunk = self._chunk or (CPU_CHUNK if device.type == "cpu" else CUDA_CHUNK)
             ws = self._workspaces[key] = _Workspace(device, chunk)
+            ws.gen = self._gen
         return ws
 
     def _span(self, device: torch.device) -> int:
@@ -698,6 +770,23 @@ class SwitchRuntime:
             _apply_chunks_fused(self._array(flat), plan, begin, end, ws, sink)
         else:
             _apply_chunks(flat, plan, begin, end, ws, sink)
+
+    def _swap_task(self, flat, old_plan, plan, piece, sink, swapped) -> None:
+        """Take ``piece`` of ``flat`` from ``old_plan``'s combination to ``plan``'s (fused kernel),
+        appending the new pieces to ``sink`` and the progress to ``swapped``."""
+        x = self._array(flat)
+        arena = self._workspace(flat.device).arena(x.itemsize)
+        end = piece.start + piece.length
+        xs, bits_a, coefs_a = _kernel_view(x, old_plan, piece.start, end)
+        _, bits_b, coefs_b = _kernel_view(x, plan, piece.start, end)
+        pos_a, vals_a = piece.pos.numpy(), piece.vals.numpy()
+        done, want = 0, kernels.SWITCH_TILE + kernels.SWITCH_SLACK
+        while done < piece.length:
+            pos, vals = arena.take(want)
+            stop, n = kernels.switch_swap(xs, bits_a, coefs_a, pos_a, vals_a, bits_b, coefs_b, done, pos, vals)
+            sink.append(_Piece(piece.start + done, stop - done, torch.from_numpy(pos[:n]), torch.from_numpy(vals[:n]), fused=True))
+            arena.commit(n)
+            swapped[id(piece)] = done = stop
 
     def _remove_task(self, flat, plan, pieces) -> None:
         _remove_chunks(flat, plan, pieces, self._workspace(flat.device), self._array(flat) if _fused(flat) else None)
@@ -740,7 +829,7 @@ class SwitchRuntime:
     def _apply_full(self, name: str, plan: _Plan) -> None:
         """A tensor some dense switch tensor touches: saved whole, then updated in one step."""
         p = self.params[name].detach()
-        self._backup[name] = _Backup(full=p.clone())
+        self._backup[name] = _Backup(plan, full=p.clone())
         wdt = _work_dtype(p.dtype)
         d: torch.Tensor | None = None
         for w, dense in plan.dense:
@@ -757,12 +846,21 @@ class SwitchRuntime:
         with _torch_threads(1) if p.device.type == "cpu" else _null():
             _apply_chunks(flat, plan, 0, flat.numel(), self._workspace(p.device), pieces)
         p.copy_(flat.view(p.shape))
-        self._backup[name] = _Backup(pieces=pieces, in_place=False)  # recorded once p holds the result
+        self._backup[name] = _Backup(plan, pieces=pieces, in_place=False)  # recorded once p holds the result
 
 
 @contextmanager
 def _null() -> Iterator[None]:
     yield
+
+
+def _tail(piece: _Piece, k: int) -> _Piece:
+    """What of a fused piece is left after its first k entries (a multiple of 8): positions
+    counted from the new start."""
+    if k == 0:
+        return piece
+    keep = piece.pos >= k
+    return _Piece(piece.start + k, piece.length - k, piece.pos[keep] - k, piece.vals[keep], fused=True)
 
 
 def _run_all(tasks: list[tuple]) -> None:
@@ -846,16 +944,21 @@ class SwitchModel:
             raise MergeflowError(f"weights must be [{n}, {len(self.names)}] (inputs x switches), got {list(weights.shape)}")
         if not bool(torch.isfinite(weights).all()):
             raise MergeflowError("weights hold non-finite values")
+        if self.runtime.active is not None:
+            raise MergeflowError(f"a switch combination is already applied ({self.runtime.active}): remove() it first")
         out: torch.Tensor | None = None
-        for row, rows in group_rows(weights):
-            with self.runtime.use(row):
+        try:
+            for row, rows in group_rows(weights):
+                self.runtime.switch(row)  # from the previous group's combination in one pass
                 result = forward(self.model, _take(inputs, rows))
-            if not isinstance(result, torch.Tensor) or result.dim() < 1 or result.shape[0] != rows.numel():
-                raise MergeflowError(f"forward must return a tensor with one row per input, got "
-                                     f"{list(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__}")
-            if out is None:
-                out = result.new_empty((n, *result.shape[1:]))
-            out[rows.to(out.device)] = result
+                if not isinstance(result, torch.Tensor) or result.dim() < 1 or result.shape[0] != rows.numel():
+                    raise MergeflowError(f"forward must return a tensor with one row per input, got "
+                                         f"{list(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__}")
+                if out is None:
+                    out = result.new_empty((n, *result.shape[1:]))
+                out[rows.to(out.device)] = result
+        finally:
+            self.runtime.remove()
         if out is None:
             raise MergeflowError("predict got an empty batch")
         return out

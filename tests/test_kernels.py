@@ -237,3 +237,86 @@ def test_parallel_reads_into_reused_buffers_give_every_input_its_own_memory(tmp_
                 assert torch.equal(raw, Checkpoint(f).get(name)), name
             ptrs = [t.data_ptr() for t in [theta0, *raws]]
             assert len(set(ptrs)) == len(ptrs)
+
+
+# --- switch runtime kernels --------------------------------------------------------------------------
+
+def _switch_bits(rng: np.random.Generator, t: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(keep [t, n] bool, sign [t, n] bool, byte pairs uint16 [t, ceil(n/8)], coefficients float32)."""
+    keep, sign = rng.random((t, n)) < 0.4, rng.random((t, n)) < 0.5
+    pairs = np.ascontiguousarray(np.stack([np.packbits(keep, axis=-1, bitorder="little"),
+                                           np.packbits(sign, axis=-1, bitorder="little")], -1)).view(np.uint16)[..., 0]
+    return keep, sign, pairs, rng.uniform(-3e-3, 3e-3, t).astype(np.float32)
+
+
+def _step(keep: np.ndarray, sign: np.ndarray, coefs: np.ndarray) -> torch.Tensor:
+    """The definition: d = +0.0 + sum_t c_t * B_t, in float32, in switch order."""
+    d = torch.zeros(keep.shape[1])
+    for k, s, c in zip(keep, sign, coefs):
+        d = d + float(c) * torch.from_numpy(np.where(k, np.where(s, -1.0, 1.0), 0.0).astype(np.float32))
+    return d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("n", [5, 2048, 2049, 40_001])
+def test_switch_kernels_against_their_definition(dtype, t, n):
+    """apply writes y = x - (0 - d) (bf16: rounded once), saves exactly the entries where
+    y - d misses x bitwise (ascending positions, original bits); remove restores x bitwise."""
+    rng = np.random.default_rng(n + t)
+    x = (torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 0.02).to(dtype)
+    x[:4] = torch.tensor([0.0, -0.0, 1e-30, float("inf")]).to(dtype)  # zeros keep their sign; tiny entries get saved
+    keep, sign, pairs, coefs = _switch_bits(rng, t, n)
+    d = _step(keep, sign, coefs)
+    ibits = torch.int32 if dtype == torch.float32 else torch.int16
+    y = (x.float() - (0 - d)).to(dtype)
+    z = (y.float() - d).to(dtype)
+    want = torch.nonzero(z.view(ibits) != x.view(ibits)).squeeze(1)
+    xa = kernels.as_array(x.clone())
+    cap = n + kernels.SWITCH_TILE + kernels.SWITCH_SLACK
+    pos, vals = np.empty(cap, np.int32), np.empty(cap, np.uint32 if dtype == torch.float32 else np.uint16)
+    done, saved = kernels.switch_apply(xa, pairs, coefs, pos, vals)
+    assert done == n
+    assert torch.equal(torch.from_numpy(xa.view(np.int32 if dtype == torch.float32 else np.int16)), y.view(ibits))
+    assert np.array_equal(pos[:saved], want.numpy())
+    assert np.array_equal(vals[:saved].view(np.int32 if dtype == torch.float32 else np.int16), x.view(ibits)[want].numpy())
+    kernels.switch_remove(xa, pairs, coefs, pos[:saved], vals[:saved])
+    assert np.array_equal(xa.view(vals.dtype), kernels.as_array(x).view(vals.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ta,tb", [(1, 1), (1, 2), (3, 1)])
+def test_switch_swap_equals_remove_then_apply_and_stops_when_short(dtype, ta, tb):
+    """One pass from combination A to B leaves x and B's saved entries bitwise as remove(A) +
+    apply(B) do; with a short pos buffer it stops at a tile boundary and resumes from there."""
+    n = 3 * kernels.SWITCH_TILE + 77
+    rng = np.random.default_rng(ta * 10 + tb)
+    x0 = kernels.as_array((torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 0.02).to(dtype)).copy()
+    vdt = np.uint32 if dtype == torch.float32 else np.uint16
+    *_, bits_a, coefs_a = _switch_bits(rng, ta, n)
+    *_, bits_b, coefs_b = _switch_bits(rng, tb, n)
+
+    def buffers(cap):
+        return np.empty(cap, np.int32), np.empty(cap, vdt)
+
+    x = x0.copy()
+    pa, va = buffers(n + 4096)
+    _, ka = kernels.switch_apply(x, bits_a, coefs_a, pa, va)
+    twin = x.copy()
+    kernels.switch_remove(twin, bits_a, coefs_a, pa[:ka], va[:ka])
+    pr, vr = buffers(n + 4096)
+    _, kr = kernels.switch_apply(twin, bits_b, coefs_b, pr, vr)
+    # a pos buffer for one tile at a time: the swap stops after each tile
+    got_pos, got_vals, start, calls = [], [], 0, 0
+    while start < n:
+        pb, vb = buffers(kernels.SWITCH_TILE + kernels.SWITCH_SLACK)
+        stop, kb = kernels.switch_swap(x, bits_a, coefs_a, pa[:ka], va[:ka], bits_b, coefs_b, start, pb, vb)
+        assert stop == min(n, start + kernels.SWITCH_TILE)
+        got_pos.append(pb[:kb] + start)
+        got_vals.append(vb[:kb])
+        start, calls = stop, calls + 1
+    assert calls == 4
+    assert np.array_equal(x.view(vdt), twin.view(vdt))
+    assert np.array_equal(np.concatenate(got_pos), pr[:kr]) and np.array_equal(np.concatenate(got_vals), vr[:kr])
+    kernels.switch_remove(x, bits_b, coefs_b, pr[:kr], vr[:kr])
+    assert np.array_equal(x.view(vdt), x0.view(vdt))

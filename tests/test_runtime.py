@@ -240,6 +240,67 @@ def test_integer_tensors_are_never_changed():
 
 # --- state and errors ---------------------------------------------------------------------------------
 
+SWITCH_SEQUENCE = [{"a": 1.0}, {"b": 1.0}, {"a": 0.3, "b": 0.7}, {"a": 0.3, "b": 0.7}, {"c": -0.8}, {},
+                   {"a": 0.1, "b": 0.2, "c": 0.7}, {"b": 1.0}]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_switch_equals_remove_then_apply(switches, dtype):
+    """switch() leaves the weights, and the entries it saves, bitwise as remove() + apply() do;
+    the base comes back bitwise at the end (dense, strided and untouched tensors included)."""
+    base, twin = make_base(dtype), make_base(dtype)
+    base["dec.weight"] = base["dec.weight"].t().contiguous().t()  # strided: not fused
+    twin["dec.weight"] = twin["dec.weight"].t().contiguous().t()
+    snapshot = {k: v.clone() for k, v in base.items()}
+    rt = SwitchRuntime(base, switches, workers=2)
+    ref = SwitchRuntime(twin, switches, workers=2)
+    for weights in SWITCH_SEQUENCE:
+        rt.switch(weights)
+        ref.remove()
+        ref.apply(weights)
+        assert rt.active == ref.active == weights
+        for name in base:
+            assert same_bits(base[name], twin[name]), (weights, name)
+        saved = {name: sorted((int(p.start) + int(i), int(v)) for p in b.pieces for i, v in zip(p.pos.long(), p.vals.view(-1).view(torch.int16 if p.vals.element_size() == 2 else torch.int32).long()))
+                 for name, b in rt._backup.items()}
+        want = {name: sorted((int(p.start) + int(i), int(v)) for p in b.pieces for i, v in zip(p.pos.long(), p.vals.view(-1).view(torch.int16 if p.vals.element_size() == 2 else torch.int32).long()))
+                for name, b in ref._backup.items()}
+        assert saved == want, weights
+    rt.remove()
+    assert all(same_bits(base[k], snapshot[k]) for k in base)
+    rt.close()
+    ref.close()
+
+
+def test_a_failing_switch_restores_the_base(switches, monkeypatch):
+    base = {f"w{i}": torch.randn(40_000, generator=torch.Generator().manual_seed(i)) * 0.02 for i in range(3)}
+    g = torch.Generator().manual_seed(9)
+    sw = {t: compress([(k, torch.randn(v.shape, generator=g) * 3e-3) for k, v in base.items()], DROP) for t in "xy"}
+    snapshot = {k: v.clone() for k, v in base.items()}
+    monkeypatch.setattr(rtmod._Arena, "BLOCK", 3000)  # many pieces, many kernel calls
+    rt = SwitchRuntime(base, sw, workers=1, chunk=1024)
+    rt.apply({"x": 1.0})
+    from mergeflow import kernels
+
+    calls = []
+
+    def flaky(real):  # the 5th call fails: of the fused swap kernel, or of torch's chunk loop
+        def run(*args):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("worker died")
+            return real(*args)
+        return run
+
+    monkeypatch.setattr(kernels, "switch_swap", flaky(kernels.switch_swap))
+    monkeypatch.setattr(rtmod, "_apply_chunks", flaky(rtmod._apply_chunks))
+    with pytest.raises(RuntimeError, match="worker died"):
+        rt.switch({"x": 0.5, "y": 0.5})
+    assert len(calls) == 5
+    assert rt.active is None and rt.backup_nbytes == 0
+    assert all(same_bits(base[k], snapshot[k]) for k in base)
+
+
 def test_apply_twice_without_remove_errors(switches):
     base = make_base()
     snapshot = {k: v.clone() for k, v in base.items()}
@@ -447,17 +508,18 @@ def test_grouped_predict_equals_each_row_alone():
     rows = torch.tensor([[1.0, 0, 0], [0, 1, 0], [1, 0, 0], [0.5, 0.5, 0], [0, 0, 0], [0, 1, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]])
     x = torch.randn(len(rows), 6, generator=torch.Generator().manual_seed(1))
     applied = []
-    real_apply = sm.runtime.apply
+    real_switch = sm.runtime.switch
 
-    def counting_apply(weights):
+    def counting_switch(weights):
         applied.append(sm.runtime.weights_dict(weights))
-        return real_apply(weights)
+        return real_switch(weights)
 
-    sm.runtime.apply = counting_apply
+    sm.runtime.switch = counting_switch
     out = sm.predict(x, rows)
-    assert len(applied) == 5  # one apply per distinct combination
+    assert len(applied) == 5  # one switch per distinct combination
     assert len({tuple(sorted(w.items())) for w in applied}) == 5
-    sm.runtime.apply = real_apply
+    assert sm.runtime.active is None
+    sm.runtime.switch = real_switch
     assert all(same_bits(v, snapshot[k]) for k, v in model.state_dict().items())
     # each row alone: the definition's model for that row, built without the runtime
     for i in range(len(rows)):
