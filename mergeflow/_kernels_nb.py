@@ -7,6 +7,7 @@ import numpy as np
 import numba as nb
 from numba import types
 from llvmlite import ir
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 def widen(src, start, n, dst):  # pragma: no cover - replaced by the overload inside kernels
@@ -333,15 +334,10 @@ def _steps(bits, coefs, b0, m, d):
     16: d needs that slack). bits[t] holds switch t's byte pairs keep | sign << 8 (uint16).
     Summed in switch order from +0.0; where B_t = 0 the term is +0.0 (not c * 0 = -0.0 for
     c < 0: the sums agree bitwise, since d is never -0.0)."""
-    nb8 = bits.shape[1]
     for t in range(bits.shape[0]):
         c = coefs[t]
-        row = bits[t]
         for i in range(0, m, 16):
-            b = b0 + (i >> 3)
-            w = np.uint32(row[b])
-            if b + 1 < nb8:
-                w |= np.uint32(row[b + 1]) << np.uint32(16)
+            w = _word(bits, t, b0 + (i >> 3))
             if t == 0:
                 _set16(w, c, d, i)
             else:
@@ -467,12 +463,27 @@ def _apply16w(typingctx, x, w, c, i, pos, vals, base, saved):
     return types.intp(x, types.uint32, types.float32, types.intp, pos, vals, types.intp, types.intp), _apply16w_codegen
 
 
-@jit
-def _word(row, b):
-    """The uint32 of byte pairs b and b + 1 of a switch row (the second 0 past the end)."""
-    w = np.uint32(row[b])
-    if b + 1 < row.shape[0]:
-        w |= np.uint32(row[b + 1]) << np.uint32(16)
+@intrinsic
+def _pairs32(typingctx, bits, t, b):
+    """Switch t's byte pairs b and b + 1 as one uint32 (one unaligned load, no bounds or
+    negative-index checks: the caller guarantees both exist)."""
+    def codegen(context, builder, sig, args):
+        ary, t, b = args
+        arr = context.make_array(sig.args[0])(context, builder, ary)
+        strides = cgutils.unpack_tuple(builder, arr.strides, 2)
+        offset = builder.add(builder.mul(t, strides[0]), builder.mul(b, strides[1]))
+        raw = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()), [offset])
+        return builder.load(builder.bitcast(raw, _I32.as_pointer()), align=1)
+    return types.uint32(bits, types.intp, types.intp), codegen
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _word(bits, t, b):
+    """The uint32 of switch t's byte pairs b and b + 1 (the second 0 past the end). Scalar
+    indexing only: hot loops must not make array views (each costs reference counting)."""
+    w = np.uint32(bits[t, b])
+    if b + 1 < bits.shape[1]:
+        w |= np.uint32(bits[t, b + 1]) << np.uint32(16)
     return w
 
 
@@ -487,12 +498,12 @@ def _apply_tile(x, s, m, bits, coefs, d, pos, vals, saved, origin):
     m16 = m & ~15
     b0 = s >> 3
     if bits.shape[0] == 1:
-        row, c = bits[0], coefs[0]
-        for i in range(0, m16, 16):
-            saved = _apply16w(xs, _word(row, b0 + (i >> 3)), c, i, pos, vals, base, saved)
+        c = coefs[0]
+        for i in range(0, m16, 16):  # both byte pairs of a full block exist
+            saved = _apply16w(xs, _pairs32(bits, 0, b0 + (i >> 3)), c, i, pos, vals, base, saved)
         if m16 == m:
             return saved
-        _set16(_word(row, b0 + (m16 >> 3)), c, d, m16)  # the steps of the last few entries
+        _set16(_word(bits, 0, b0 + (m16 >> 3)), c, d, m16)  # the steps of the last few entries
     else:
         _steps(bits, coefs, b0, m, d)
         for i in range(0, m16, 16):
@@ -528,12 +539,12 @@ def _remove_tile(x, s, m, bits, coefs, d, pos, vals, j):
     b0 = s >> 3
     done = 0
     if bits.shape[0] == 1:
-        row, c = bits[0], coefs[0]
+        c = coefs[0]
         done = m & ~15
         for i in range(0, done, 16):
-            _sub16w(xs, _word(row, b0 + (i >> 3)), c, i)
+            _sub16w(xs, _pairs32(bits, 0, b0 + (i >> 3)), c, i)
         if done < m:
-            _set16(_word(row, b0 + (done >> 3)), c, d, done)
+            _set16(_word(bits, 0, b0 + (done >> 3)), c, d, done)
     else:
         _steps(bits, coefs, b0, m, d)
     if is_f32(x):
