@@ -334,10 +334,11 @@ def _steps(bits, coefs, b0, m, d):
     16: d needs that slack). bits[t] holds switch t's byte pairs keep | sign << 8 (uint16).
     Summed in switch order from +0.0; where B_t = 0 the term is +0.0 (not c * 0 = -0.0 for
     c < 0: the sums agree bitwise, since d is never -0.0)."""
+    full = m & ~15  # blocks whose two byte pairs both exist
     for t in range(bits.shape[0]):
         c = coefs[t]
         for i in range(0, m, 16):
-            w = _word(bits, t, b0 + (i >> 3))
+            w = _pairs32(bits, t, b0 + (i >> 3)) if i < full else _word(bits, t, b0 + (i >> 3))
             if t == 0:
                 _set16(w, c, d, i)
             else:
