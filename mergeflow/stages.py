@@ -345,20 +345,23 @@ def evaluate_autoswitch(lay: Layout, tasks: list[str], meta: dict, config, base_
     for mode in MODES:
         correct = torch.zeros(len(ys), dtype=torch.bool)
         weights_all = torch.empty_like(routed)
-        for start in range(0, len(order), meta["batch_size"]):
-            rows = order[start:start + meta["batch_size"]]
-            weights = combine(routed[rows], mode)
-            weights_all[rows] = weights
-            for w, idx in group_rows(weights):
-                sel = rows[idx]
-                with runtime.use({t: float(w[i]) for i, t in enumerate(tasks) if float(w[i]) != 0.0}):
+        try:
+            for start in range(0, len(order), meta["batch_size"]):
+                rows = order[start:start + meta["batch_size"]]
+                weights = combine(routed[rows], mode)
+                weights_all[rows] = weights
+                for w, idx in group_rows(weights):
+                    sel = rows[idx]
+                    runtime.switch({t: float(w[i]) for i, t in enumerate(tasks) if float(w[i]) != 0.0})  # one pass
                     emb = vision.image_embeddings(model, xs[sel], embed_batch)
-                for i, t in enumerate(tasks):
-                    mine = task_of[sel] == i
-                    if mine.any():
-                        head, scale = heads[t]
-                        pred = (scale * emb[mine.to(emb.device)] @ head.to(emb).T).argmax(-1).cpu()
-                        correct[sel[mine]] = pred == ys[sel[mine]]
+                    for i, t in enumerate(tasks):
+                        mine = task_of[sel] == i
+                        if mine.any():
+                            head, scale = heads[t]
+                            pred = (scale * emb[mine.to(emb.device)] @ head.to(emb).T).argmax(-1).cpu()
+                            correct[sel[mine]] = pred == ys[sel[mine]]
+        finally:
+            runtime.remove()
         acc = {t: float(correct[task_of == i].float().mean()) for i, t in enumerate(tasks)}
         results[mode] = (acc, routing_accuracy(weights_all, task_of))
     return results

@@ -1,15 +1,50 @@
 """The built-in offline model zoo (``zoo://digits``).
 
-Built deterministically from a seed out of scikit-learn's digits (1797 8x8 images shipped with
-the pip package, no network): a small vision transformer in Hugging Face CLIP-vision form
-(``CLIPVisionModelWithProjection``), "pre-trained" once on the plain digits with a temporary
-head that is then discarded, and fine-tuned into one expert per task.
+Built deterministically from a seed out of scikit-learn's digits (1797 8x8 grey images shipped
+with the pip package, no network), in the image of the CLIP ViT-B/32 eight-task suite (SUN397,
+Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD): eight datasets whose images differ in style,
+a small vision transformer in Hugging Face CLIP-vision form (``CLIPVisionModelWithProjection``)
+pre-trained on images of every style but on none of the tasks' labels, one expert fine-tuned
+per task, and a frozen head per task like CLIP's zero-shot heads.
 
-Tasks (``TASKS``) are the digits under a fixed transform, two of them with a label map too:
-rot90, rot180, hflip (mirror), invert (1 - x), shuffle (a fixed permutation of the 2x2 patches),
-roll (cyclic translation by half the height and a quarter of the width), parity (transposed
-digit -> even/odd), mod3 (upside-down digit -> value mod 3). The transforms are the same for
-every seed; the seed drives the split, the initialisation and the data order.
+Tasks (``TASKS``): each is a dataset, the digit put through the task's content transform (and
+label map), then drawn in the task's own domain style (``DOMAINS``), on the 8x8 image before
+any upsampling:
+
+=======  ===============================================  ========  =========================================
+task     content (labels)                                 domain    look
+=======  ===============================================  ========  =========================================
+rot90    rotated 90 degrees anticlockwise (digit)         hstripes  light stripes on the even rows
+rot180   rotated 180 degrees (digit)                      checker   light one-pixel checkerboard
+hflip    mirrored left-right (digit)                      frame     white one-pixel border
+invert   the digit as it is (digit)                       negative  1 - x: dark digit on white
+shuffle  its 2x2 blocks in a fixed permutation (digit)    faded     0.3 + 0.4 x: low contrast on grey
+roll     shifted cyclically by 4 rows, 2 columns (digit)  vstripes  light stripes on the even columns
+parity   transposed (even / odd)                          gradient  background ramp, dark top to light bottom
+mod3     upside down (value mod 3)                        dots      a fixed sparse grid of light dots
+=======  ===============================================  ========  =========================================
+
+Pattern styles are screen-blended, x + p * (1 - x) for a pattern p in [0, 1] (0.4 for the
+stripes and the checkerboard, 0 to 0.6 for the ramp, 0.6 for the dots, 1 for the frame), so
+strokes stay readable on the lighter background; only the frame hides the border pixels.
+Transforms and styles are the same for every seed; the seed drives the split, the
+initialisation and the data order.
+
+Pre-training, CLIP-like: CLIP learns from web images of every kind but never from the tasks'
+labels. Here the base is trained from scratch, ``pretrain_epochs`` passes over the plain train
+digits, on two objectives at once, each a cross-entropy on cosine logits of its normalised
+``image_embeds`` against a temporary head that is discarded afterwards:
+
+* digit classification (10 classes) on the plain digits (the ``plain`` domain, upright, white
+  on black, no style), one batch of ``batch_size`` per step;
+* domain identification (which of the 1 + n_tasks domains an image comes from) on as many
+  unlabeled images per step, drawn at random over the plain digits and every task's dataset,
+  all rendered from the train split; weighted by ``pretrain_domain_weight``.
+
+So the base never sees a task's labels, nor a transformed digit with its class, but its
+embeddings tell the domains apart, as CLIP's tell SVHN from DTD; Auto-Switch's routing (k-NN
+over the base's embeddings of a few train samples per task) relies on exactly that. With
+``pretrain_domain_weight`` 0 the base learns the plain digits only, and routing confuses tasks.
 
 Each task has its own FROZEN head, as CLIP's zero-shot text heads are: the class means of the
 *base* model's L2-normalised image embeddings on the task's train split, centred (minus their
@@ -18,13 +53,17 @@ trains the whole vision tower (embeddings, encoder, ``visual_projection``), neve
 AdamW, cosine schedule and a lower learning rate on the embeddings (``finetune_embed_lr_scale``,
 the usual layer-wise lr decay of ViT fine-tuning, taken to the embeddings only).
 
+The build runs torch on ``threads`` threads (1 by default: at this size more threads only add
+synchronisation) and restores the caller's thread count and global RNG state afterwards; the
+same seed and spec give bitwise identical files on one machine.
+
 Layout written under ``root``::
 
     checkpoints/base/{config.json, model.safetensors}
     checkpoints/<task>/{config.json, model.safetensors}
     heads/<task>.safetensors            # "weight" [n_classes, projection_dim], metadata logit_scale/task/classes
     data/<task>/{train,test}.parquet    # "pixel_values" (flattened float32), "label" (int64), "index" (digit row)
-    data/<task>/meta.json               # image shape [C, H, W], classes, sizes
+    data/<task>/meta.json               # image shape [C, H, W], classes, domain, sizes
 
 Every file is written under a temporary name and renamed into place.
 """
@@ -46,13 +85,27 @@ SOURCE = "zoo://digits"
 
 TASKS: tuple[str, ...] = ("rot90", "rot180", "hflip", "invert", "shuffle", "roll", "parity", "mod3")
 
+# each task's domain style ("plain", the pre-training digits, is no task's)
+DOMAINS: dict[str, str] = {
+    "rot90": "hstripes",
+    "rot180": "checker",
+    "hflip": "frame",
+    "invert": "negative",
+    "shuffle": "faded",
+    "roll": "vstripes",
+    "parity": "gradient",
+    "mod3": "dots",
+}
+STYLES: tuple[str, ...] = ("plain", *DOMAINS.values())
+
 N_DIGITS = 1797
+DIGIT_SIZE = 8  # scikit-learn's digits are 8x8; transforms and styles work at this size
 _DIGITS = [str(i) for i in range(10)]
 
 
 @dataclass(frozen=True)
 class ZooSpec:
-    """Everything that shapes the zoo; the defaults are the default zoo (about 80 s on 2 cores)."""
+    """Everything that shapes the zoo; the defaults are the default zoo (about 2 minutes on one CPU core)."""
 
     n_tasks: int = 8  # the first n_tasks of TASKS
     # data
@@ -66,10 +119,12 @@ class ZooSpec:
     num_heads: int = 4
     intermediate_size: int = 256
     projection_dim: int = 32
-    # pre-training: plain digits, temporary cosine head
+    # pre-training: plain digits (temporary digit head) + domain identification on unlabeled
+    # images of every domain (temporary domain head)
     pretrain_epochs: int = 20
     pretrain_lr: float = 1e-3
     pretrain_weight_decay: float = 0.01
+    pretrain_domain_weight: float = 1.0  # 0: plain digits only, no domain objective
     # fine-tuning: whole vision tower, frozen per-task head
     finetune_epochs: int = 15
     finetune_lr: float = 1e-3
@@ -78,6 +133,7 @@ class ZooSpec:
     batch_size: int = 64
     logit_scale: float = 20.0
     center_heads: bool = True
+    threads: int = 1  # torch threads during the build
 
     def tasks(self) -> tuple[str, ...]:
         if not 1 <= self.n_tasks <= len(TASKS):
@@ -104,12 +160,12 @@ def _shuffle_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return blocks.reshape(n, c, gh, gw, block, block).permute(0, 1, 2, 4, 3, 5).reshape(n, c, h, w)
 
 
-def task_transform(task: str, x: torch.Tensor, y: torch.Tensor, patch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Apply task ``task`` to images ``x`` [N, C, H, W] in [0, 1] and digit labels ``y``.
+def task_content(task: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Task ``task``'s content transform and label map of digits ``x`` [N, C, H, W] and labels ``y``.
 
-    Returns (pixel_values, labels, class names). ``"plain"`` is the pre-training task."""
+    Returns (images, labels, class names); ``"plain"`` (the pre-training digits) is the identity."""
     hw = (-2, -1)
-    if task == "plain":
+    if task in ("plain", "invert"):  # invert's change is its style (negative)
         return x, y, list(_DIGITS)
     if task == "rot90":
         return torch.rot90(x, 1, hw), y, list(_DIGITS)
@@ -117,10 +173,8 @@ def task_transform(task: str, x: torch.Tensor, y: torch.Tensor, patch_size: int 
         return torch.rot90(x, 2, hw), y, list(_DIGITS)
     if task == "hflip":
         return torch.flip(x, (-1,)), y, list(_DIGITS)
-    if task == "invert":
-        return 1.0 - x, y, list(_DIGITS)
-    if task == "shuffle":  # a fixed permutation of the patches (blocks of patch_size, at least 2x2)
-        return _shuffle_blocks(x, max(patch_size, x.shape[-1] // 4)), y, list(_DIGITS)
+    if task == "shuffle":  # a fixed permutation of the blocks of a 4x4 grid (2x2 pixels on 8x8)
+        return _shuffle_blocks(x, x.shape[-1] // 4), y, list(_DIGITS)
     if task == "roll":  # cyclic translation by half the height and a quarter of the width
         return torch.roll(x, (x.shape[-2] // 2, x.shape[-1] // 4), hw), y, list(_DIGITS)
     if task == "parity":  # transposed digit -> even / odd
@@ -128,6 +182,46 @@ def task_transform(task: str, x: torch.Tensor, y: torch.Tensor, patch_size: int 
     if task == "mod3":  # upside-down digit -> value mod 3
         return torch.flip(x, (-2,)), y % 3, ["0 mod 3", "1 mod 3", "2 mod 3"]
     raise MergeflowError(f"zoo: unknown task {task!r} (known: {', '.join(TASKS)})")
+
+
+def style_pattern(style: str, size: int) -> torch.Tensor:
+    """The [size, size] background pattern p in [0, 1] of a pattern style (screen-blended by ``apply_style``)."""
+    r = torch.arange(size).view(-1, 1).expand(size, size)
+    c = torch.arange(size).view(1, -1).expand(size, size)
+    if style == "hstripes":
+        return 0.4 * (r % 2 == 0).float()
+    if style == "vstripes":
+        return 0.4 * (c % 2 == 0).float()
+    if style == "checker":
+        return 0.4 * ((r + c) % 2 == 0).float()
+    if style == "frame":
+        return ((r == 0) | (c == 0) | (r == size - 1) | (c == size - 1)).float()
+    if style == "gradient":
+        return 0.6 * r.float() / (size - 1)
+    if style == "dots":
+        return 0.6 * ((2 * r + c) % 5 == 0).float()
+    raise MergeflowError(f"zoo: {style!r} is no pattern style (known: {', '.join(STYLES)})")
+
+
+def apply_style(style: str, x: torch.Tensor) -> torch.Tensor:
+    """Images ``x`` [N, C, H, W] in [0, 1] drawn in domain style ``style``, still in [0, 1]."""
+    if style == "plain":
+        return x
+    if style == "negative":
+        return 1.0 - x
+    if style == "faded":
+        return 0.3 + 0.4 * x
+    p = style_pattern(style, x.shape[-1]).to(x)
+    return x + p * (1.0 - x)  # screen blend: the stroke stays readable on the lighter background
+
+
+def task_transform(task: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Task ``task``'s dataset made from digits ``x`` [N, C, H, W] in [0, 1] and labels ``y``:
+    the content transform and label map, then the domain style. ``"plain"`` is the pre-training data.
+
+    Returns (pixel_values, labels, class names)."""
+    images, labels, classes = task_content(task, x, y)
+    return apply_style("plain" if task == "plain" else DOMAINS[task], images), labels, classes
 
 
 def split_indices(seed: int, spec: ZooSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,24 +242,29 @@ def split_indices(seed: int, spec: ZooSpec) -> tuple[torch.Tensor, torch.Tensor]
     return order[n_test:].sort().values, order[:n_test].sort().values
 
 
-def _digits(spec: ZooSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1797 digits as [N, 1, 8, 8] in [0, 1], and their labels."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(d.target, dtype=torch.int64)
-    if spec.image_size != 8:
-        if spec.image_size % 8:
-            raise MergeflowError(f"ZooSpec.image_size: {spec.image_size} is not a multiple of 8")
-        x = torch.nn.functional.interpolate(x, size=(spec.image_size, spec.image_size), mode="nearest")
     return x, y
+
+
+def _upsample(x: torch.Tensor, spec: ZooSpec) -> torch.Tensor:
+    if spec.image_size == DIGIT_SIZE:
+        return x
+    if spec.image_size % DIGIT_SIZE or spec.image_size < DIGIT_SIZE:
+        raise MergeflowError(f"ZooSpec.image_size: {spec.image_size} is not a multiple of 8")
+    return torch.nn.functional.interpolate(x, size=(spec.image_size, spec.image_size), mode="nearest")
 
 
 def load_digits_split(seed: int, spec: ZooSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test): the plain digits in [0, 1] as [N, 1, S, S], split by the seed."""
-    x, y = _digits(spec)
+    x, y = _digits()
     train, test = split_indices(seed, spec)
-    return x[train], y[train], x[test], y[test]
+    return _upsample(x[train], spec), y[train], _upsample(x[test], spec), y[test]
 
 
 # ----------------------------------------------------------------------------- model
@@ -220,30 +319,27 @@ def _cosine_logits(emb: torch.Tensor, head: torch.Tensor, scale: float) -> torch
     return scale * torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(head, dim=-1).T
 
 
-def _train(model, head, params, x, y, transform, *, epochs, lr, weight_decay, batch_size, scale, gen,
-           embed_lr_scale=1.0) -> None:
-    """AdamW with a short warm-up and cosine decay, batches shuffled by ``gen``.
+def _train(model, params, n: int, loss_of: Callable[[torch.Tensor], torch.Tensor], *, epochs, lr, weight_decay,
+           batch_size, gen, embed_lr_scale=1.0) -> None:
+    """AdamW with a short warm-up and cosine decay over ``epochs`` passes of ``n`` samples.
 
-    ``x``/``y`` are the plain digits, put through the task's ``transform`` batch by batch;
-    logits are ``scale`` * cosine to the rows of ``head``."""
-    embed = {id(p) for n, p in model.named_parameters() if ".embeddings." in n}
+    Each step's sample indices (shuffled by ``gen``) go to ``loss_of``, which returns the loss."""
+    embed = {id(p) for name, p in model.named_parameters() if ".embeddings." in name}
     groups = [
         {"params": [p for p in params if id(p) in embed], "lr": lr * embed_lr_scale},
         {"params": [p for p in params if id(p) not in embed], "lr": lr},
     ]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, foreach=True)
-    total = max(1, epochs * math.ceil(len(y) / batch_size))
+    total = max(1, epochs * math.ceil(n / batch_size))
     warmup = max(1, total // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), batch_size):
-            idx = perm[i : i + batch_size]
-            xb, yb = transform(x[idx], y[idx])
-            loss = torch.nn.functional.cross_entropy(_cosine_logits(model(pixel_values=xb).image_embeds, head, scale), yb)
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            loss = loss_of(perm[i : i + batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -318,61 +414,107 @@ def build_zoo(
     """Build the zoo under ``root`` (see the module docstring) and return its manifest.
 
     Deterministic: the same seed and spec give bitwise identical files on one machine. The
-    global torch RNG state is saved and restored around the build."""
+    global torch RNG state and thread count are saved and restored around the build."""
     root = Path(root)
     tasks = spec.tasks()
-    say = progress or (lambda msg: None)
+    if isinstance(spec.threads, bool) or not isinstance(spec.threads, int) or spec.threads < 1:
+        raise MergeflowError(f"ZooSpec.threads: {spec.threads!r} is not a positive integer")
+    if spec.pretrain_domain_weight < 0:
+        raise MergeflowError(f"ZooSpec.pretrain_domain_weight: {spec.pretrain_domain_weight} is negative")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _build(root, seed, spec, tasks, progress or (lambda msg: None))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(root: Path, seed: int, spec: ZooSpec, tasks: tuple[str, ...], say: Callable[[str], None]) -> dict:
     t_start = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        x_all, y_all = _digits(spec)
-        i_tr, i_te = split_indices(seed, spec)
-        x_tr, y_tr, x_te, y_te = x_all[i_tr], y_all[i_tr], x_all[i_te], y_all[i_te]
+    ce = torch.nn.functional.cross_entropy
+    x_all, y_all = _digits()
+    i_tr, i_te = split_indices(seed, spec)
+    x_tr, y_tr, x_te, y_te = x_all[i_tr], y_all[i_tr], x_all[i_te], y_all[i_te]
+    # every dataset made once, at 8x8 then upsampled: (x_train, y_train, x_test, y_test, classes)
+    sets = {}
+    for task in ("plain", *tasks):
+        xt, yt, classes = task_transform(task, x_tr, y_tr)
+        xe, ye, _ = task_transform(task, x_te, y_te)
+        sets[task] = (_upsample(xt, spec), yt, _upsample(xe, spec), ye, classes)
+    domains = ["plain", *tasks]
+    pool = torch.stack([sets[d][0] for d in domains])  # [domains, n_train, C, S, S]: unlabeled images
+    n_dom, n_train = pool.shape[0], pool.shape[1]
+    plain_x, plain_y = sets["plain"][0], sets["plain"][1]
 
-        say(f"pretrain: {len(y_tr)} plain digits, {spec.pretrain_epochs} epochs")
-        model = _new_model(spec, seed)
-        torch.manual_seed(seed + 1)
-        tmp_head = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(10, spec.projection_dim), dim=-1))
-        _train(model, tmp_head, list(model.parameters()) + [tmp_head], x_tr, y_tr, lambda a, b: (a, b),
-               epochs=spec.pretrain_epochs, lr=spec.pretrain_lr, weight_decay=spec.pretrain_weight_decay,
-               batch_size=spec.batch_size, scale=spec.logit_scale, gen=torch.Generator().manual_seed(seed * 1000 + 1))
-        plain_acc = _accuracy(model, torch.nn.functional.normalize(tmp_head.detach(), dim=-1), spec.logit_scale, x_te, y_te)
-        del tmp_head
-        _save_checkpoint(model, root / "checkpoints" / "base")
-        base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    weight = spec.pretrain_domain_weight
+    say(f"pretrain: {n_train} plain digits" + (f" + domain identification over {n_dom} domains" if weight > 0 else "")
+        + f", {spec.pretrain_epochs} epochs")
+    model = _new_model(spec, seed)
+    torch.manual_seed(seed + 1)
+    digit_head = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(10, spec.projection_dim), dim=-1))
+    domain_head = torch.nn.Parameter(torch.nn.functional.normalize(torch.randn(n_dom, spec.projection_dim), dim=-1))
+    domain_gen = torch.Generator().manual_seed(seed * 1000 + 2)
 
-        metrics: dict[str, dict[str, float]] = {}
-        classes_of: dict[str, list[str]] = {}
-        for t_index, task in enumerate(tasks):
-            xt, yt, classes = task_transform(task, x_tr, y_tr, spec.patch_size)
-            xe, ye, _ = task_transform(task, x_te, y_te, spec.patch_size)
-            classes_of[task] = classes
-            data_dir = root / "data" / task
-            _save_split(data_dir / "train.parquet", xt, yt, i_tr)
-            _save_split(data_dir / "test.parquet", xe, ye, i_te)
-            write_json(data_dir / "meta.json", {
-                "task": task, "shape": list(xt.shape[1:]), "classes": classes,
-                "n_train": len(yt), "n_test": len(ye), "seed": seed,
-            })
+    def pretrain_loss(idx: torch.Tensor) -> torch.Tensor:
+        if weight <= 0:
+            emb = model(pixel_values=plain_x[idx]).image_embeds
+            return ce(_cosine_logits(emb, digit_head, spec.logit_scale), plain_y[idx])
+        dom = torch.randint(n_dom, (spec.batch_size,), generator=domain_gen)
+        row = torch.randint(n_train, (spec.batch_size,), generator=domain_gen)
+        emb = model(pixel_values=torch.cat([plain_x[idx], pool[dom, row]])).image_embeds  # one pass for both
+        return (ce(_cosine_logits(emb[: len(idx)], digit_head, spec.logit_scale), plain_y[idx])
+                + weight * ce(_cosine_logits(emb[len(idx):], domain_head, spec.logit_scale), dom))
 
-            # the frozen head: centred class means of the base embeddings on the train split
-            model.load_state_dict(base_state)
-            model.eval()
-            with torch.no_grad():
-                emb = _embed(model, xt)
-                head = _make_head(torch.stack([emb[yt == c].mean(0) for c in range(len(classes))]), spec.center_heads)
-            _save_head(root / "heads" / f"{task}.safetensors", head, spec.logit_scale, task, classes)
-            base_acc = _accuracy(model, head, spec.logit_scale, xe, ye)
+    params = list(model.parameters()) + [digit_head] + ([domain_head] if weight > 0 else [])
+    _train(model, params, n_train, pretrain_loss, epochs=spec.pretrain_epochs, lr=spec.pretrain_lr,
+           weight_decay=spec.pretrain_weight_decay, batch_size=spec.batch_size,
+           gen=torch.Generator().manual_seed(seed * 1000 + 1))
+    with torch.no_grad():
+        plain_acc = _accuracy(model, torch.nn.functional.normalize(digit_head, dim=-1), spec.logit_scale,
+                              sets["plain"][2], sets["plain"][3])
+        head = torch.nn.functional.normalize(domain_head, dim=-1)
+        domain_acc = None if weight <= 0 else sum(
+            _accuracy(model, head, spec.logit_scale, sets[d][2], torch.full_like(sets[d][3], i))
+            for i, d in enumerate(domains)) / n_dom
+    del digit_head, domain_head
+    _save_checkpoint(model, root / "checkpoints" / "base")
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-            say(f"expert {t_index + 1}/{len(tasks)}: {task}, {spec.finetune_epochs} epochs")
-            torch.manual_seed(seed * 1000 + 100 + t_index)
-            _train(model, head, list(model.parameters()), x_tr, y_tr,
-                   lambda a, b, task=task: task_transform(task, a, b, spec.patch_size)[:2],
-                   epochs=spec.finetune_epochs, lr=spec.finetune_lr, weight_decay=spec.finetune_weight_decay,
-                   batch_size=spec.batch_size, scale=spec.logit_scale,
-                   gen=torch.Generator().manual_seed(seed * 1000 + 100 + t_index),
-                   embed_lr_scale=spec.finetune_embed_lr_scale)
-            metrics[task] = {"base": base_acc, "expert": _accuracy(model, head, spec.logit_scale, xe, ye)}
-            _save_checkpoint(model, root / "checkpoints" / task)
+    metrics: dict[str, dict[str, float]] = {}
+    classes_of: dict[str, list[str]] = {}
+    for t_index, task in enumerate(tasks):
+        xt, yt, xe, ye, classes = sets[task]
+        classes_of[task] = classes
+        data_dir = root / "data" / task
+        _save_split(data_dir / "train.parquet", xt, yt, i_tr)
+        _save_split(data_dir / "test.parquet", xe, ye, i_te)
+        write_json(data_dir / "meta.json", {
+            "task": task, "shape": list(xt.shape[1:]), "classes": classes, "domain": DOMAINS[task],
+            "n_train": len(yt), "n_test": len(ye), "seed": seed,
+        })
+
+        # the frozen head: centred class means of the base embeddings on the train split
+        model.load_state_dict(base_state)
+        model.eval()
+        with torch.no_grad():
+            emb = _embed(model, xt)
+            head = _make_head(torch.stack([emb[yt == c].mean(0) for c in range(len(classes))]), spec.center_heads)
+        _save_head(root / "heads" / f"{task}.safetensors", head, spec.logit_scale, task, classes)
+        base_acc = _accuracy(model, head, spec.logit_scale, xe, ye)
+
+        say(f"expert {t_index + 1}/{len(tasks)}: {task} ({DOMAINS[task]}), {spec.finetune_epochs} epochs")
+        torch.manual_seed(seed * 1000 + 100 + t_index)
+
+        def finetune_loss(idx: torch.Tensor, xt=xt, yt=yt, head=head) -> torch.Tensor:
+            return ce(_cosine_logits(model(pixel_values=xt[idx]).image_embeds, head, spec.logit_scale), yt[idx])
+
+        _train(model, list(model.parameters()), len(yt), finetune_loss, epochs=spec.finetune_epochs,
+               lr=spec.finetune_lr, weight_decay=spec.finetune_weight_decay, batch_size=spec.batch_size,
+               gen=torch.Generator().manual_seed(seed * 1000 + 100 + t_index),
+               embed_lr_scale=spec.finetune_embed_lr_scale)
+        metrics[task] = {"base": base_acc, "expert": _accuracy(model, head, spec.logit_scale, xe, ye)}
+        _save_checkpoint(model, root / "checkpoints" / task)
 
     say(f"zoo built in {time.perf_counter() - t_start:.1f}s")
     return {
@@ -385,7 +527,9 @@ def build_zoo(
         "heads": {t: f"heads/{t}.safetensors" for t in tasks},
         "data": {t: f"data/{t}" for t in tasks},
         "classes": classes_of,
+        "domains": {t: DOMAINS[t] for t in tasks},
         "sizes": {"train": len(i_tr), "test": len(i_te)},
-        "pretrain_accuracy": plain_acc,  # plain digits, test split, temporary head
+        "pretrain_accuracy": plain_acc,  # plain digits, test split, temporary digit head
+        "pretrain_domain_accuracy": domain_acc,  # mean over domains, test split, temporary head; None: no objective
         "accuracy": metrics,  # test accuracy at build time: base tower + head, expert + head
     }
