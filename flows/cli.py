@@ -43,8 +43,8 @@ def print_table(metrics: dict) -> None:
     from mergeflow.evaluate import table
 
     t = Table(title="mergeflow results (accuracy on held-out test splits)")
-    for col in ("model", "acc avg", "normalised acc", "storage bytes", "storage / fp32 task vectors"):
-        t.add_column(col, justify="left" if col == "model" else "right")
+    for col in ("model", "acc avg", "normalised", "storage bytes", "/ fp32 task vectors"):
+        t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
     for name, acc, norm, storage, ratio in table(metrics):
         t.add_row(name, f"{acc:.4f}", f"{norm:.4f}", f"{storage:,}", f"{ratio:.4f}")
     Console().print(t)
