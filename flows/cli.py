@@ -43,14 +43,20 @@ def print_table(metrics: dict) -> None:
     from mergeflow.evaluate import table
 
     t = Table(title="mergeflow results (accuracy on held-out test splits)")
-    for col in ("model", "acc avg", "normalised", "storage bytes", "/ fp32 task vectors"):
+    rows = table(metrics)
+    routed = any(r[5] is not None for r in rows)
+    for col in ("model", "acc avg", "normalised", "storage bytes", "/ fp32 task vectors") + (("routing acc",) if routed else ()):
         t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
-    for name, acc, norm, storage, ratio in table(metrics):
-        t.add_row(name, f"{acc:.4f}", f"{norm:.4f}", f"{storage:,}", f"{ratio:.4f}")
-    Console().print(t)
+    for name, acc, norm, storage, ratio, routing in rows:
+        cells = [name, f"{acc:.4f}", f"{norm:.4f}", f"{storage:,}", f"{ratio:.4f}"]
+        t.add_row(*cells, *(() if not routed else ("" if routing is None else f"{routing:.4f}",)))
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: don't squeeze the table into 80 columns
+        console = Console(width=120)
+    console.print(t)
     if "switches" in metrics:
         s = metrics["switches"]
-        Console().print(f"T-Switch at drop {s['drop']}: {s['bits_per_param']:.3f} bits/param "
+        console.print(f"T-Switch at drop {s['drop']}: {s['bits_per_param']:.3f} bits/param "
                         f"(entropy floor {s['entropy_floor_bits']:.3f}, keep fraction {s['keep_fraction']:.3f})")
 
 

@@ -58,7 +58,9 @@ def write_metrics(metrics: Mapping, out_dir: str | Path) -> tuple[Path, Path]:
     return out_dir / "metrics.json", out_dir / "per_task.csv"
 
 
-def table(metrics: Mapping) -> list[tuple[str, float, float, int, float]]:
-    """(name, acc_avg, norm_acc_avg, storage_bytes, storage_ratio) for base, experts and each method."""
+def table(metrics: Mapping) -> list[tuple[str, float, float, int, float, float | None]]:
+    """(name, acc_avg, norm_acc_avg, storage_bytes, storage_ratio, routing_acc or None) for base,
+    experts and each method (routing accuracy: Auto-Switch's rows)."""
     models = {"base": metrics["base"], "experts": metrics["experts"], **metrics["methods"]}
-    return [(n, r["acc_avg"], r["norm_acc_avg"], r["storage_bytes"], r["storage_ratio"]) for n, r in models.items()]
+    return [(n, r["acc_avg"], r["norm_acc_avg"], r["storage_bytes"], r["storage_ratio"], r.get("routing_acc"))
+            for n, r in models.items()]

@@ -1,4 +1,5 @@
-"""Plots people compare: accuracy per task per model, and storage against normalised accuracy."""
+"""Plots people compare: accuracy per task per model, storage against normalised accuracy, and
+Auto-Switch's routing accuracy beside its accuracy per mode."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,17 +24,34 @@ def plot_all(metrics: Mapping, out_dir: str | Path) -> list[Path]:
     models = {"base": metrics["base"], "experts": metrics["experts"], **metrics["methods"]}
     tasks = list(metrics["experts"]["acc"])
     width = 0.8 / len(models)
+    colors = plt.get_cmap("tab20").colors  # one colour per model (up to 20)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(tasks) + 2), 4))
     for i, (name, row) in enumerate(models.items()):
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(tasks))]
-        ax.bar(xs, [row["acc"][t] for t in tasks], width, label=f"{name} ({row['acc_avg']:.3f})")
+        ax.bar(xs, [row["acc"][t] for t in tasks], width, label=f"{name} ({row['acc_avg']:.3f})",
+               color=colors[i % len(colors)])
     ax.set_xticks(range(len(tasks)), tasks, rotation=30)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
     ax.set_title("Accuracy per task (legend: average)")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     paths = [_save(fig, out_dir / "accuracy.png")]
     plt.close(fig)
+
+    routed = {name: row for name, row in metrics["methods"].items() if "routing_acc" in row}
+    if routed:  # Auto-Switch: accuracy and routing accuracy per mode
+        fig, ax = plt.subplots(figsize=(max(4, 1.4 * len(routed) + 1.5), 3.5))
+        xs = range(len(routed))
+        for k, (key, label) in enumerate((("norm_acc_avg", "normalised accuracy"), ("routing_acc", "routing accuracy"))):
+            vals = [row[key] for row in routed.values()]
+            bars = ax.bar([x + (k - 0.5) * 0.38 for x in xs], vals, 0.38, label=label, color=colors[2 * k])
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks(list(xs), [row.get("mode", name) for name, row in routed.items()])
+        ax.set_ylim(0, 1.1)
+        ax.set_title("Auto-Switch on shuffled mixed-task batches, per routing mode")
+        ax.legend(fontsize=8, loc="upper left")
+        paths.append(_save(fig, out_dir / "routing.png"))
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, row in models.items():

@@ -97,9 +97,9 @@ def test_metrics_contract(workspace, first_run):
     assert metrics["methods"]["emr"]["storage_bytes"] == 4 * n + len(tasks) * ((n + 7) // 8 + 4)
     csv = (workspace / "artifacts/eval/per_task.csv").read_text().splitlines()
     assert csv[0] == "model,task,acc,norm_acc" and len(csv) == 1 + (2 + len(listed)) * len(tasks)
-    for plot in ("accuracy.png", "storage.png"):
+    for plot in ("accuracy.png", "storage.png", "routing.png"):  # routing: Auto-Switch's modes
         assert (workspace / "artifacts/eval/plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "tswitch" in first_run.output and "normalised" in first_run.output
+    assert "tswitch" in first_run.output and "normalised" in first_run.output and "routing acc" in first_run.output
 
 
 def test_dvc_status_clean_after_run(workspace, first_run):
