@@ -168,8 +168,12 @@ def sample_queries(train_embeddings: dict[str, torch.Tensor], n_per_task: int = 
 def route(queries: QuerySet, x: torch.Tensor, k: int = 10) -> torch.Tensor:
     """Routing weights [B, T]: share of each task among the k nearest queries of each row of x.
 
-    Exact Euclidean distances; ties in distance go to the query of lower index. Batches are
-    processed in chunks of about CHUNK_DISTANCES distances so memory stays bounded.
+    Exact Euclidean distances; ties in distance go to the query of lower index. Fast and
+    exact: squared distances from one matrix product (||x||^2 + ||q||^2 - 2 x.q) pick, per
+    input, every query that can be among its k nearest given that product's rounding error
+    bound; only those candidates get exact distances (``torch.cdist`` without matrix
+    products), and the k nearest are chosen among them. Batches are processed in chunks of
+    about CHUNK_DISTANCES distances so memory stays bounded.
     """
     n, d = queries.embeddings.shape
     n_tasks = len(queries.tasks)
@@ -185,15 +189,53 @@ def route(queries: QuerySet, x: torch.Tensor, k: int = 10) -> torch.Tensor:
         raise MergeflowError("route: inputs hold non-finite values")
     emb = queries.embeddings.detach().to(x.device)
     labels = queries.labels.to(x.device)
+    q_sq = (emb.double() ** 2).sum(1)
+    q_norm_max = float(q_sq.max().sqrt())
     out = torch.zeros((x.shape[0], n_tasks), dtype=torch.float32, device=x.device)
     rows = max(1, CHUNK_DISTANCES // n)
     for start in range(0, x.shape[0], rows):
         chunk = x[start:start + rows]
-        dist = torch.cdist(chunk, emb, compute_mode="donot_use_mm_for_euclid_dist")
-        nearest = torch.sort(dist, dim=1, stable=True).indices[:, :k]
+        nearest = _nearest(chunk, emb, q_sq, q_norm_max, k)
         counts = torch.zeros((chunk.shape[0], n_tasks), dtype=torch.float32, device=x.device)
         counts.scatter_add_(1, labels[nearest], torch.ones(nearest.shape, dtype=torch.float32, device=x.device))
         out[start:start + rows] = counts / k
+    return out
+
+
+def _nearest(x: torch.Tensor, emb: torch.Tensor, q_sq: torch.Tensor, q_norm_max: float, k: int) -> torch.Tensor:
+    """Indices [B, k] of each row's k nearest queries by ``torch.cdist``'s exact float32
+    distances, ties to the lower index.
+
+    One float32 product gives s_i = |q_i|^2 - 2 x.q_i, so that a_i = |x|^2 + s_i is the squared
+    distance t_i within beta = (d + 8) eps32 (|x|^2 + |q|^2 + 2 |x| |q|); cdist's values c_i
+    satisfy c_i^2 = t_i (1 +- rho), rho = (d + 3) eps32. Every query with c_i at most the k-th
+    smallest c then has a_i <= (A_k + beta) (1 + rho) / (1 - rho) + beta, A_k the k-th
+    smallest a: those candidates (a superset: the m smallest s, m the largest candidate count
+    of the chunk) get exact distances, and the k nearest are picked among them. The bound is
+    a worst case: embeddings in hundreds of dimensions crowd near the k-th distance, so m is
+    often a few times k, still far below the query count."""
+    n, d = emb.shape
+    eps = torch.finfo(torch.float32).eps
+    x_sq = (x.double() ** 2).sum(1)
+    s = torch.addmm(q_sq.to(torch.float32)[None, :], x, emb.T, alpha=-2.0)
+    beta = (d + 8) * eps * (x_sq + q_norm_max ** 2 + 2 * x_sq.sqrt() * q_norm_max)
+    rho = (d + 3) * eps
+    a_k = s.topk(k, dim=1, largest=False, sorted=False).values.max(dim=1).values.double() + x_sq
+    bound = ((a_k + beta) * (1 + rho) / (1 - rho) + beta - x_sq).to(torch.float32)
+    bound = torch.nextafter(bound, torch.full_like(bound, float("inf")))  # rounded up, never down
+    m = int((s <= bound[:, None]).sum(1).max())
+    if m >= n:  # every query is a candidate somewhere: exact distances to all
+        cand = torch.arange(n, device=x.device).expand(x.shape[0], n)
+    else:  # the m closest by the product (a superset of every row's candidates), in index order
+        cand = s.topk(m, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+    out = torch.empty((x.shape[0], k), dtype=torch.int64, device=x.device)
+    rows = max(1, (1 << 20) // (m * d))  # candidates' vectors gathered a block of rows at a time (stays in cache)
+    for start in range(0, x.shape[0], rows):
+        c = cand[start:start + rows]
+        vectors = torch.index_select(emb, 0, c.reshape(-1)).view(c.shape[0], c.shape[1], d)
+        exact = torch.cdist(x[start:start + rows, None, :], vectors, compute_mode="donot_use_mm_for_euclid_dist")[:, 0, :]
+        order = torch.sort(exact, dim=1, stable=True).indices[:, :k]  # stable: ties keep index order
+        out[start:start + rows] = c.gather(1, order)
     return out
 
 

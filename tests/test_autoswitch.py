@@ -366,3 +366,24 @@ def test_cuda_matches_cpu():
                [(r.tolist(), i.tolist()) for r, i in group_rows(combine(cpu, "hard"))]
         truth = torch.randint(0, 4, (300,), generator=g)
         assert routing_accuracy(gpu, truth.cuda()) == routing_accuracy(cpu, truth)
+
+
+@pytest.mark.parametrize("dim,k", [(3, 4), (64, 1), (256, 10), (512, 37)])
+def test_route_equals_brute_force_exact_distances(dim, k):
+    """The product-then-candidates search picks exactly what a full exact-distance sort picks,
+    on crowded high-dimensional embeddings with duplicate queries, inputs equal to queries and
+    near-ties one float32 step apart."""
+    g = torch.Generator().manual_seed(dim + k)
+    centres = torch.nn.functional.normalize(torch.randn(4, dim, generator=g), dim=-1)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    emb = torch.nn.functional.normalize(centres[labels] + torch.randn(300, dim, generator=g) / dim ** 0.5, dim=-1)
+    emb[10] = emb[3]  # a duplicate query: ties go to index 3
+    emb[11] = torch.nextafter(emb[4], torch.full_like(emb[4], 2.0))  # one step away from query 4
+    x = torch.nn.functional.normalize(centres[torch.randint(0, 4, (120,), generator=g)]
+                                      + torch.randn(120, dim, generator=g) / dim ** 0.5, dim=-1)
+    x[:3] = emb[[3, 4, 11]]  # inputs sitting on queries
+    q = QuerySet(emb, labels, list("abcd"))
+    full = torch.cdist(x[:, None, :], emb.expand(len(x), -1, -1), compute_mode="donot_use_mm_for_euclid_dist")[:, 0, :]
+    nearest = torch.sort(full, dim=1, stable=True).indices[:, :k]
+    expected = torch.zeros(len(x), 4).scatter_add_(1, labels[nearest], torch.ones(nearest.shape)) / k
+    assert torch.equal(route(q, x, k=k), expected)
