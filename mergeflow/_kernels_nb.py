@@ -216,11 +216,12 @@ def select_keys(keys, lo, hi, r):
 
 # --- the switch runtime: apply / remove weighted switches in place ------------------------------
 #
-# Written so that LLVM vectorises every per-entry loop: the ternaries of a tile are expanded to
-# int8 first (one 64-bit table look-up per 8 entries), the arithmetic and the bitwise comparison
-# run in one loop over the tile (float <-> bits by bitcast, no memory round trip), and the entries
-# to save are appended 16 at a time with a SIMD compress (vpcompressd on AVX-512, LLVM's generic
-# expansion elsewhere) instead of a data-dependent branch per entry.
+# Per 16 entries: one 32-bit load of their keep/sign byte pairs becomes two lane masks, the step
+# is a masked select of +-c (several switches: summed into a tile buffer first), the update and
+# the bitwise check "would removal restore it?" run in SIMD registers, and the entries to save
+# are appended with a vector compress (vpcompressd on AVX-512, LLVM's generic expansion
+# elsewhere) instead of a data-dependent branch per entry. Hot loops make no array views (each
+# costs reference counting) and read the bits with unchecked loads.
 
 SW_TILE = 2048  # entries per tile: the tile's buffers stay in L1
 SW_SLACK = 16  # pos/vals need this many entries beyond the last one saved (whole-vector stores)
@@ -247,39 +248,6 @@ def _u2f(typingctx, v):
 def _declare(module, name, ret, args):
     fn = module.globals.get(name)
     return fn if fn is not None else ir.Function(module, ir.FunctionType(ret, args), name)
-
-
-@intrinsic
-def _compress16(typingctx, flags, src, pos, vals, i, base, saved):
-    """Append (base + i + j, src[i + j]) for each lane j < 16 with flags[i + j] != 0 to
-    pos[saved:] / vals[saved:]; returns the new count. Stores 16 whole lanes (pos/vals need
-    SW_SLACK entries beyond the count); src and vals hold 16- or 32-bit integers."""
-    width = src.dtype.bitwidth
-    sig = types.intp(flags, src, pos, vals, types.intp, types.intp, types.intp)
-
-    def codegen(context, builder, sig, args):
-        fl, sr, ps, vs, i, base, saved = args
-
-        def ptr(k, ary, index, vty):
-            data = context.make_array(sig.args[k])(context, builder, ary).data
-            return builder.bitcast(builder.gep(data, [index]), vty.as_pointer())
-
-        v8, v32, vw = (ir.VectorType(ir.IntType(w), 16) for w in (8, 32, width))
-        v1 = ir.VectorType(ir.IntType(1), 16)
-        mask = builder.icmp_unsigned("!=", builder.load(ptr(0, fl, i, v8), align=1), ir.Constant(v8, None))
-        first = builder.insert_element(ir.Constant(v32, ir.Undefined), builder.trunc(builder.add(base, i), _I32),
-                                       ir.Constant(_I32, 0))
-        index = builder.add(builder.shuffle_vector(first, ir.Constant(v32, ir.Undefined), ir.Constant(v32, [0] * 16)),
-                            ir.Constant(v32, list(range(16))))
-        for k, ary, vec, vty in ((3, vs, builder.load(ptr(1, sr, i, vw), align=width // 8), vw), (2, ps, index, v32)):
-            name = f"llvm.experimental.vector.compress.v16i{vty.element.width}"
-            packed = builder.call(_declare(builder.module, name, vty, [vty, v1, vty]), [vec, mask, ir.Constant(vty, None)])
-            builder.store(packed, ptr(k, ary, saved, vty), align=vty.element.width // 8)
-        i16 = ir.IntType(16)
-        count = builder.call(_declare(builder.module, "llvm.ctpop.i16", i16, [i16]), [builder.bitcast(mask, i16)])
-        return builder.add(saved, builder.zext(count, ir.IntType(64)))
-
-    return sig, codegen
 
 
 def _splat(builder, vty, value):

@@ -282,18 +282,9 @@ def test_a_failing_switch_restores_the_base(switches, monkeypatch):
     rt.apply({"x": 1.0})
     from mergeflow import kernels
 
-    calls = []
-
-    def flaky(real):  # the 5th call fails: of the fused swap kernel, or of torch's chunk loop
-        def run(*args):
-            calls.append(1)
-            if len(calls) == 5:
-                raise RuntimeError("worker died")
-            return real(*args)
-        return run
-
-    monkeypatch.setattr(kernels, "switch_swap", flaky(kernels.switch_swap))
-    monkeypatch.setattr(rtmod, "_apply_chunks", flaky(rtmod._apply_chunks))
+    calls = []  # the 5th call fails: of the fused swap kernel, or of torch's chunk loop
+    monkeypatch.setattr(kernels, "switch_swap", failing_call(kernels.switch_swap, calls, 5, "worker died"))
+    monkeypatch.setattr(rtmod, "_apply_chunks", failing_call(rtmod._apply_chunks, calls, 5, "worker died"))
     with pytest.raises(RuntimeError, match="worker died"):
         rt.switch({"x": 0.5, "y": 0.5})
     assert len(calls) == 5
@@ -327,22 +318,23 @@ def test_use_restores_when_the_block_raises(switches):
     assert all(same_bits(base[k], snapshot[k]) for k in base)
 
 
+def failing_call(real, calls: list, nth: int, message: str):
+    """``real``, except that the nth call counted in ``calls`` (shared by several wrappers) raises."""
+    def run(*args):
+        calls.append(1)
+        if len(calls) == nth:
+            raise RuntimeError(message)
+        return real(*args)
+    return run
+
+
 def test_a_failing_apply_is_undone(switches, monkeypatch):
     base = make_base()
     snapshot = {k: v.clone() for k, v in base.items()}
     rt = SwitchRuntime(base, switches, chunk=64, workers=1)
     calls = []
-
-    def flaky(real):  # the 4th range fails, on whichever path (fused kernel or torch ops) runs
-        def run(*args):
-            calls.append(1)
-            if len(calls) == 4:
-                raise RuntimeError("device lost")
-            return real(*args)
-        return run
-
-    for name in ("_apply_chunks", "_apply_chunks_fused"):
-        monkeypatch.setattr(rtmod, name, flaky(getattr(rtmod, name)))
+    for name in ("_apply_chunks", "_apply_chunks_fused"):  # the 4th range fails, on either path
+        monkeypatch.setattr(rtmod, name, failing_call(getattr(rtmod, name), calls, 4, "device lost"))
     with pytest.raises(RuntimeError, match="device lost"):
         rt.apply({"a": 0.4, "b": 0.6})
     assert len(calls) == 4
