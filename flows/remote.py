@@ -2,12 +2,21 @@
 deployment of the small ``mergeflow-stage`` flow on the work pool ``run.gpu.pool``, whose
 workers sit on GPU machines, and waits for it.
 
-Artifacts move through the workspace path, passed as a parameter: the worker reads the stage's
-inputs and writes its outputs and stamp at that path, so it must name the same files on the
-worker's machine (the same machine, or a shared filesystem mounted at the same path). The code
-comes from the deployment's source directory (``mergeflow deploy`` records this checkout's
-path), which must hold the same mergeflow on the worker: the stage refuses to run otherwise,
-since its stamp would vouch for outputs made by other code.
+Artifacts reach the worker one of two ways (``run.gpu.transfer``):
+
+* ``shared``: through the workspace path, passed as a parameter. The worker reads the stage's
+  inputs and writes its outputs and stamp at that path, so it must name the same files on the
+  worker's machine (the same machine, or a shared filesystem mounted at the same path).
+* ``dvc``: through the DVC remote ``run.dvc_remote`` (tasks/transfer.py). The pipeline pushes
+  the stage's inputs, the worker pulls them into its own copy of the workspace under
+  ``run.gpu.workspace``, runs the stage, pushes the outputs, and the pipeline pulls them back.
+  Nothing but the remote and the Prefect server is shared.
+
+Either way the worker reports what it did as a Prefect artifact of its flow run (key
+``mergeflow-stage-result``: visible in the UI, read back by the pipeline). The code comes from
+the deployment's source directory (``mergeflow deploy`` records this checkout's path), which
+must hold the same mergeflow on the worker: the stage refuses to run otherwise, since its stamp
+would vouch for outputs made by other code.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -47,26 +57,81 @@ def _logger():
         return logging.getLogger("mergeflow.remote")
 
 
+RESULT_KEY = "mergeflow-stage-result"
+
+
+def _report(result: dict) -> None:
+    """The worker's result as an artifact of its flow run: a line for people, the JSON for the pipeline."""
+    from prefect.artifacts import create_markdown_artifact
+
+    state = "cached" if result["cached"] else f"ran in {result['seconds']:.1f} s"
+    body = json.dumps(result, indent=1, sort_keys=True)
+    create_markdown_artifact(markdown=f"**{result['stage']}** {state} on `{result['host']}` (pid {result['pid']})\n\n"
+                                      f"```json\n{body}\n```\n",
+                             key=RESULT_KEY, description=f"mergeflow stage {result['stage']}")
+
+
+def read_report(client, flow_run_id) -> dict | None:
+    """What the worker reported for one flow run (``_report``), or None."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                                                                key=ArtifactFilterKey(any_=[RESULT_KEY])))
+    for art in arts:
+        text = str(art.data or "")
+        if "```json\n" in text:
+            try:
+                return json.loads(text.split("```json\n", 1)[1].rsplit("\n```", 1)[0])
+            except ValueError:
+                continue
+    return None
+
+
 @flow(name=STAGE_FLOW, flow_run_name="{stage}", persist_result=False)
-def stage_flow(stage: str, params: dict, root: str, code: str) -> dict:
+def stage_flow(stage: str, params: dict, root: str, code: str, transfer: Optional[dict] = None) -> dict:
     """One stage of the pipeline in this (the worker's) process: ``tasks.stages.run_stage``,
     cached by inputs as in the pipeline. ``params`` is ``Params.model_dump(mode="json")``,
-    validated again here; ``code`` the pipeline's digest of the library's source."""
+    validated again here; ``code`` the pipeline's digest of the library's source; ``transfer``
+    (``run.gpu.transfer: dvc``) the remote's URL, the inputs' DVC hashes, the upstream stamps and
+    the parent workspace's ``host:path``, with ``root`` unused."""
     from mergeflow.io.atomic import write_json
     from tasks import cache
     from tasks.stages import run_stage
 
     host = socket.gethostname()
     p = validate(params, "params")
-    root_path = Path(root)
-    if not (root_path / ".mergeflow").is_dir():
-        raise MergeflowError(f"workspace {root} not found on {host}: a worker of pool {p.run.gpu.pool!r} needs the "
-                             f"workspace at the same path (a shared filesystem; see docs/team.md)")
     if (mine := cache.code_digest()) != code:
         raise MergeflowError(f"the worker on {host} runs other mergeflow code than the pipeline (digest {mine[:12]} != "
                              f"{code[:12]}): update the checkout at {Path.cwd()}")
-    result = run_stage(stage, p, root_path, code)
-    write_json(record_path(root_path, stage), {**result, "host": host, "pid": os.getpid()})
+    if transfer is None:
+        root_path = Path(root)
+        if not (root_path / ".mergeflow").is_dir():
+            raise MergeflowError(f"workspace {root} not found on {host}: a worker of pool {p.run.gpu.pool!r} needs the "
+                                 f"workspace at the same path (a shared filesystem), or run.gpu.transfer: dvc "
+                                 f"(see docs/team.md)")
+        result = run_stage(stage, p, root_path, code)
+        result = {**result, "host": host, "pid": os.getpid()}
+        write_json(record_path(root_path, stage), result)
+    else:
+        from mergeflow.io.lock import clean_stale, workspace_lock
+        from mergeflow.stages import Layout
+        from tasks import transfer as tr
+
+        log = _logger()
+        wroot = tr.worker_root(p.run.gpu.workspace, p.experiment, transfer["origin"])
+        with workspace_lock(wroot, "wait", p.run.lock_timeout, log.info):  # one stage at a time per copy
+            clean_stale(wroot / "artifacts")
+            t0 = time.perf_counter()
+            tr.prepare_worker(wroot, transfer["url"], transfer["inputs"], transfer["stamps"], transfer.get("dirs", []))
+            log.info("%s: inputs in place in %s (%.1f s)", stage, wroot, time.perf_counter() - t0)
+            result = run_stage(stage, p, wroot, code)
+            t0 = time.perf_counter()
+            outs = tr.add_and_push(wroot, Layout(wroot).outs(stage), tr.REMOTE)
+            dirs = tr.empty_dirs(wroot, Layout(wroot).outs(stage))
+            log.info("%s: outputs pushed to %s (%.1f s)", stage, transfer["url"], time.perf_counter() - t0)
+            result = {**result, "host": host, "pid": os.getpid(), "workspace": str(wroot), "outs": outs, "dirs": dirs,
+                      "stamp": cache.read_stamp(wroot, stage)}
+    _report(result)
     return result
 
 
@@ -118,22 +183,34 @@ def run_on_pool(stage: str, p: Params, root: Path, code: str) -> dict:
     log = _logger()
     pool, name = p.run.gpu.pool, deployment_name(p.run.gpu.pool)
     t0 = time.perf_counter()
-    if cache.is_fresh(p, root, stage, code):  # the workspace is shared: no worker needed to tell
+    if cache.is_fresh(p, root, stage, code):  # the pipeline's workspace tells: no worker needed
         log.info("%s: cached (inputs and outputs unchanged), skipped without a run on pool %r", stage, pool)
         summary = (cache.read_stamp(root, stage) or {}).get("summary", {})
         return {"stage": stage, "cached": True, "seconds": time.perf_counter() - t0, "summary": summary}
     url = _api_url(p)
     current = PREFECT_API_URL.value()
     same = bool(current) and current.rstrip("/") == url.rstrip("/")
-    record = record_path(root, stage)
-    record.unlink(missing_ok=True)
+    record_path(root, stage).unlink(missing_ok=True)
+    transfer = None
+    if p.run.gpu.transfer == "dvc":
+        from tasks import transfer as tr
+
+        t1 = time.perf_counter()
+        remote_url = tr.remote_url(root, p.run.dvc_remote)
+        inputs = tr.push_inputs(root, stage, p.run.dvc_remote)
+        stamps = {up: cache.read_stamp(root, up) for up in cache.UPSTREAM[stage]}
+        dirs = tr.empty_dirs(root, [root / rel for rel in inputs])
+        transfer = {"url": remote_url, "inputs": inputs, "dirs": dirs, "stamps": stamps, "origin": tr.origin(root)}
+        log.info("%s: inputs (%s) pushed to DVC remote %r in %.1f s", stage, ", ".join(inputs), p.run.dvc_remote,
+                 time.perf_counter() - t1)
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         if not check_pool(client, p, url):
             log.warning("%s: no worker online in pool %r yet; the run waits for one "
                         "(`prefect worker start --pool %s` on a GPU machine)", stage, pool, pool)
         # a subflow of the pipeline when both live on one server; parameters stay plain JSON
-        fr = run_deployment(name, parameters={"stage": stage, "params": p.model_dump(mode="json"), "root": str(root),
-                                              "code": code},
+        fr = run_deployment(name, parameters={"stage": stage, "params": p.model_dump(mode="json"),
+                                              "root": str(root) if transfer is None else "",
+                                              "code": code, "transfer": transfer},
                             flow_run_name=stage, timeout=0, as_subflow=same)
         log.info("%s: flow run %s of %s submitted to pool %r", stage, fr.id, name, pool)
         warned = False
@@ -146,15 +223,40 @@ def run_on_pool(stage: str, p: Params, root: Path, code: str) -> dict:
                             stage, pool, WAIT_WARN_S, pool)
                 warned = True
             time.sleep(1.0)
-    state = fr.state
-    if not state.is_completed():
-        msg = " ".join((state.message or "").split())
-        raise MergeflowError(f"{stage}: flow run {fr.id} on pool {pool!r} ended {state.name}: {msg}"[:500])
-    try:
-        done = json.loads(record.read_text())
-    except (OSError, ValueError):
-        raise MergeflowError(f"{stage}: the worker of pool {pool!r} finished but left no result at {record}: is the "
-                             f"workspace a filesystem shared with it at the same path? (docs/team.md)") from None
+        state = fr.state
+        if not state.is_completed():
+            msg = " ".join((state.message or "").split())
+            raise MergeflowError(f"{stage}: flow run {fr.id} on pool {pool!r} ended {state.name}: {msg}"[:500])
+        done = read_report(client, fr.id)
+    if done is None:
+        raise MergeflowError(f"{stage}: the worker of pool {pool!r} finished flow run {fr.id} but reported no result "
+                             f"(artifact {RESULT_KEY!r})")
+    if transfer is not None:
+        _fetch_outputs(stage, p, root, done, log)
     log.info("%s: %s on pool %r (host %s, pid %s) in %.1f s", stage, "cached" if done["cached"] else "ran", pool,
              done["host"], done["pid"], time.perf_counter() - t0)
     return {k: done[k] for k in ("stage", "cached", "seconds", "summary")}
+
+
+def _fetch_outputs(stage: str, p: Params, root: Path, done: dict, log) -> None:
+    """``transfer: dvc``: pull the outputs the worker pushed, check them against its stamp, stamp them here."""
+    from mergeflow.io.atomic import write_json
+    from mergeflow.stages import Layout
+    from tasks import cache
+    from tasks import transfer as tr
+
+    t0 = time.perf_counter()
+    want = {p_.relative_to(root).as_posix() for p_ in Layout(root).outs(stage)}
+    if set(done.get("outs") or {}) != want:
+        raise MergeflowError(f"{stage}: the worker reported outputs {sorted(done.get('outs') or {})}, expected {sorted(want)}")
+    tr.pull(root, done["outs"], p.run.dvc_remote, f"pulling the outputs of {stage} from remote {p.run.dvc_remote!r}",
+            done.get("dirs", []))
+    stamp = done["stamp"]
+    got = cache.outs_digest(Layout(root).outs(stage), root)
+    if not stamp or got != stamp["outs"]:
+        cache.invalidate(root, stage)
+        raise MergeflowError(f"{stage}: the outputs pulled from remote {p.run.dvc_remote!r} differ from what the worker on "
+                             f"{done['host']} wrote (content digest {str(got)[:12]} != {str((stamp or {}).get('outs'))[:12]})")
+    write_json(cache.stamp_path(root, stage), stamp)
+    log.info("%s: outputs (%s) pulled from DVC remote %r in %.1f s", stage, ", ".join(sorted(want)), p.run.dvc_remote,
+             time.perf_counter() - t0)

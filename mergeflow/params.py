@@ -169,6 +169,11 @@ class GpuParams(_Section):
     pool: str = Field("gpu", min_length=1, description="the Prefect work pool whose workers sit on GPU machines")
     stages: list[Literal["merge", "evaluate"]] = Field(
         default_factory=list, description="stages run as deployments on that pool (empty: in the flow's process)")
+    transfer: Literal["shared", "dvc"] = Field(
+        "shared", description="how a stage's inputs and outputs reach the worker: the workspace path on a shared "
+                              "filesystem, or the DVC remote run.dvc_remote")
+    workspace: str = Field("~/.cache/mergeflow/worker", min_length=1,
+                           description="transfer dvc: the folder on the worker's machine holding its copies of workspaces")
 
 
 class RunParams(_Section):
@@ -183,6 +188,13 @@ class RunParams(_Section):
     dvc_remote: Optional[str] = Field(None, description="DVC remote to push the outputs to after a run (default: none)")
     lock: Literal["wait", "refuse"] = Field("wait", description="another run holds the workspace: wait for it, or refuse at once")
     lock_timeout: float = Field(3600.0, ge=0, description="seconds to wait for the workspace before giving up")
+
+    @model_validator(mode="after")
+    def _transfer(self) -> "RunParams":
+        if self.gpu.transfer == "dvc" and self.gpu.stages and not self.dvc_remote:
+            raise ValueError("gpu.transfer: dvc moves the stages' artifacts through a DVC remote: set run.dvc_remote "
+                             "to a remote's name (dvc remote add NAME URL)")
+        return self
 
 
 class Params(_Section):

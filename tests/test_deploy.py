@@ -232,6 +232,73 @@ def test_triggered_run_sends_merge_and_evaluate_to_the_gpu_worker(ws, deployed, 
     print(f"triggered run executed in {elapsed:.1f} s")
 
 
+def _files(root: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None) under ``root``: empty folders count too."""
+    return {f.relative_to(root).as_posix(): f.read_bytes() if f.is_file() else None for f in sorted(root.rglob("*"))}
+
+
+# SLOW (about a minute): a small pipeline whose merge and evaluate stages run on the worker
+def test_dvc_transfer_moves_the_artifacts_through_the_remote(deployed, api_url, gpu_worker, tmp_path):
+    """``run.gpu.transfer: dvc``: the worker gets no path into the pipeline's workspace; it pulls
+    the stage inputs from the DVC remote into its own copy, runs merge and evaluate there and
+    pushes the outputs, which the pipeline pulls back byte for byte and stamps as the worker did."""
+    from flows.remote import record_path
+    from tasks.cache import read_stamp
+    from tasks.transfer import origin, worker_root
+
+    params = small_params()
+    params["experiment"] = "deploy-dvc"
+    params["run"]["gpu"] |= {"transfer": "dvc", "workspace": str(tmp_path / "workers")}
+    params["run"]["dvc_remote"] = "team"
+    ws2 = pipeline_workspace(tmp_path / "ws2", params)
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "team", str(tmp_path / "remote")], cwd=ws2, check=True)
+    proc = subprocess.run([str(BIN / "mergeflow"), "run", "--params", str(ws2 / "params.yaml"), "--no-track"],
+                          env=_env(api_url), cwd=ws2, capture_output=True, text=True, timeout=300)
+    worker, log = gpu_worker
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
+    assert "stages cached: none;" in proc.stdout
+
+    copy = worker_root(str(tmp_path / "workers"), "deploy-dvc", origin(ws2))
+    assert copy.is_dir() and not (copy / ".git").exists()
+    for stage in ("merge", "evaluate"):  # run by the worker, in its copy, stamped the same on both sides
+        assert not record_path(ws2, stage).exists()  # the shared-path record: the worker never wrote into ws2
+        here, there = read_stamp(ws2, stage), read_stamp(copy, stage)
+        assert here == there and here["pid"] != read_stamp(ws2, "download")["pid"]
+    for out in ("merged", "eval"):
+        assert _files(ws2 / "artifacts" / out) == _files(copy / "artifacts" / out)
+    for inp in ("checkpoints", "vectors", "switches", "data"):  # pulled from the remote into the copy
+        assert _files(ws2 / "artifacts" / inp) == _files(copy / "artifacts" / inp)
+    assert not list((ws2 / "artifacts").glob(".transfer.*"))  # scratch folders gone
+    metrics = json.loads((ws2 / "artifacts/eval/metrics.json").read_text())
+    assert set(metrics["methods"]) == set(METHODS)
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "-c", "-r", "team"], cwd=ws2, capture_output=True,
+                            text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    assert status.returncode == 0 and "in sync" in status.stdout, status.stdout + status.stderr
+
+    # an edit to a merge option: only merge and evaluate run again, through the remote; the copy's
+    # inputs are unchanged, so the worker pulls none of them again (same files, same inodes)
+    inodes = {f: f.stat().st_ino for f in (copy / "artifacts").rglob("*") if f.is_file() and "checkpoints" in f.parts}
+    assert inodes
+    params["merge"]["task_arithmetic"] = {"scaling": 0.25}
+    (ws2 / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    proc = subprocess.run([str(BIN / "mergeflow"), "run", "--params", str(ws2 / "params.yaml"), "--no-track"],
+                          env=_env(api_url), cwd=ws2, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
+    assert "stages cached: download, extract, compress;" in proc.stdout
+    assert read_stamp(ws2, "merge") == read_stamp(copy, "merge")
+    assert {f: f.stat().st_ino for f in inodes} == inodes
+    assert _files(ws2 / "artifacts/merged") == _files(copy / "artifacts/merged")
+
+
+def test_dvc_transfer_needs_a_remote_named_in_params():
+    from mergeflow.params import validate
+
+    params = small_params()
+    params["run"]["gpu"]["transfer"] = "dvc"
+    with pytest.raises(MergeflowError, match=r"^params: run.gpu.transfer: dvc .* set run.dvc_remote"):
+        validate(params)
+
+
 def test_serve_registers_the_schedule_and_pauses_it_on_shutdown(ws, api_url, deployed):
     """``mergeflow serve`` (a subprocess): the served deployment carries the cron schedule while it
     runs; interrupted, it pauses the schedule (Prefect's ``pause_on_shutdown``)."""
