@@ -378,6 +378,9 @@ def _merge_unit(p: Params, lay: Layout, name: str, work: Path, log: Log) -> dict
         info = {"store": "switches", "drop": p.compress.drop}
         if name == "autoswitch":
             info |= {k: v for k, v in p.merge.hyper(name).items() if k != "drop"} | {"queries": p.compress.queries}
+    elif name in ("tvq", "rtvq"):
+        hp = p.merge.hyper(name)
+        storage, info = _quantised_merge(p, lay, name, hp, tasks, base, dst)
     else:
         hp = p.merge.hyper(name)
         sources = [TaskVectors.from_vector(base, _require(lay.vectors / f"{t}.safetensors", "extract")) for t in tasks]
@@ -394,6 +397,37 @@ def _merge_unit(p: Params, lay: Layout, name: str, work: Path, log: Log) -> dict
     write_json(dst / "method.json", meta)
     log(f"merge: {name}: {storage:,} bytes stored")
     return meta
+
+
+def _quantised_merge(p: Params, lay: Layout, name: str, hp: dict, tasks: list[str], base: Checkpoint,
+                     dst: Path) -> tuple[int, dict]:
+    """TVQ / RTVQ as codecs: the task vectors are quantised into files (``dst/codes``: one
+    ``<task>.tvq`` per task, or one ``tasks.rtvq``), and the wrapped merge reads its task vectors
+    back from those files one tensor at a time. Storage is the files' payload."""
+    from mergeflow.codecs.quant import QuantReader, save_rtvq_from, save_tvq_from
+    from mergeflow.methods.tvq import inner
+
+    vectors = [Checkpoint(_require(lay.vectors / f"{t}.safetensors", "extract")) for t in tasks]
+    codes = Path(tempfile.mkdtemp(prefix=f".{name}-codes.", suffix=".tmp", dir=dst.parent))
+    try:
+        if name == "tvq":
+            stats = save_tvq_from(vectors, hp["bits"], codes, tasks)
+            views = [QuantReader(codes / f"{t}.tvq").task() for t in tasks]
+        else:
+            stats = [save_rtvq_from(vectors, hp["base_bits"], hp["offset_bits"], codes / "tasks.rtvq",
+                                    {"tasks": ",".join(tasks)})]
+            reader = QuantReader(codes / "tasks.rtvq")
+            views = [reader.task(i) for i in range(len(tasks))]
+        method, options = inner(hp)
+        merge_to_disk(method, base, [TaskVectors(base, v, True) for v in views], options, dst, resolve_device(p.device),
+                      metadata={"tasks": ",".join(tasks)})
+        del views
+        os.replace(codes, dst / "codes")
+    finally:
+        shutil.rmtree(codes, ignore_errors=True)
+    storage = sum(st.payload_bytes for st in stats)
+    return storage, {"store": "checkpoint", "codes": sorted(f.name for f in (dst / "codes").iterdir()),
+                     "codes_file_bytes": sum(st.file_bytes for st in stats), **hp}
 
 
 def exemplar_stats(p: Params, lay: Layout, tasks: list[str], n: int, names: list[str], folder: Path,

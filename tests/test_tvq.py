@@ -43,7 +43,7 @@ from mergeflow.codecs.quant import (
 )
 from mergeflow.errors import MergeflowError
 from mergeflow.io.checkpoint import Checkpoint
-from mergeflow.merge import TaskVectors, merge, merge_state_dicts
+from mergeflow.merge import MemoryCheckpoint, TaskVectors, merge, merge_state_dicts
 
 BITS = range(2, 9)
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -507,3 +507,122 @@ def test_cuda_engine_and_file(checkpoints, tmp_path):
     x = randn(100, seed=9).cuda()
     save_tvq(tmp_path / "g", {"x": quantise(x, 5)})
     assert torch.equal(dequantise(load_tvq(tmp_path / "g").tensors["x"]), qdq(x, 5).cpu())
+
+
+# --------------------------------------------------------------------------- codec files in the pipeline
+
+
+def test_reader_decodes_one_tensor_at_a_time_as_the_file_holds(checkpoints, tmp_path):
+    """``QuantReader`` gives each tensor exactly as ``load_tvq`` / ``load_rtvq`` decode it, which
+    is the definition's qdq / rebuilt base^ + o_t^ of the task vector."""
+    from mergeflow.codecs.quant import QuantReader, save_rtvq_from, save_tvq_from
+    from mergeflow.vectors import extract_task_vector
+
+    base, fts, b, ft = checkpoints
+    ck = Checkpoint(b)
+    vecs = [Checkpoint(extract_task_vector(ck, Checkpoint(p), tmp_path / f"v{i}.safetensors", {}) and
+                       tmp_path / f"v{i}.safetensors") for i, p in enumerate(ft)]
+    names = [k for k in base if base[k].is_floating_point()]
+    taus = {k: [f[k].float() - base[k].float() for f in fts] for k in names}
+    stats = save_tvq_from(vecs, 3, tmp_path / "codes", ["t0", "t1", "t2"])
+    for i, st in enumerate(stats):
+        path = tmp_path / "codes" / f"t{i}.tvq"
+        whole = load_tvq(path).dequantise()
+        view = QuantReader(path).task()
+        assert set(view.names()) == set(names) and st.payload_bytes == sum(tvq_bytes(base[k].numel(), 3) for k in names)
+        for k in names:
+            assert torch.equal(view.get(k), whole[k]) and torch.equal(view.get(k), qdq(taus[k][i], 3))
+    save_rtvq_from(vecs, 4, 2, tmp_path / "all.rtvq")
+    reader, whole = QuantReader(tmp_path / "all.rtvq"), load_rtvq(tmp_path / "all.rtvq")
+    for i in range(3):
+        for k in names:
+            assert torch.equal(reader.task(i).get(k), whole.dequantise(i)[k])
+            assert torch.equal(reader.task(i).get(k), rtvq_qdq(taus[k], 4, 2)[i])
+    with pytest.raises(MergeflowError, match=r"all\.rtvq: no quantised tensor nope"):
+        reader.tensor("nope", 0)
+    with pytest.raises(MergeflowError, match=r"all\.rtvq: task 3 is not one of its 3"):
+        reader.tensor(names[0], 3)
+    # one flipped payload byte: refused on open, naming the file
+    from mergeflow.codecs.quant import save_tvq
+
+    q = {"w": quantise(randn(1000, seed=1), 4)}
+    save_tvq(tmp_path / "bad.tvq", q)
+    data = bytearray((tmp_path / "bad.tvq").read_bytes())
+    with safe_open(str(tmp_path / "bad.tvq"), framework="pt") as f:
+        assert f.get_tensor("payload").numel() == q["w"].packed.numel()
+    start = data.index(bytes(q["w"].packed[:16].tolist()))
+    data[start + 3] ^= 0xFF
+    (tmp_path / "bad.tvq").write_bytes(bytes(data))
+    with pytest.raises(MergeflowError, match=r"bad\.tvq: tensor payload: checksum mismatch"):
+        QuantReader(tmp_path / "bad.tvq")
+
+
+@pytest.mark.parametrize("method, hp", [
+    ("tvq", {"bits": 3, "merge": "task_arithmetic", "options": {"scaling": 0.3}}),
+    ("rtvq", {"base_bits": 4, "offset_bits": 3, "merge": "ties", "options": {"density": 0.4, "scope": "global"}}),
+])
+def test_pipeline_merge_writes_the_codec_and_merges_from_it(checkpoints, tmp_path, method, hp):
+    """The merge stage keeps TVQ / RTVQ as codec files (``merged/<method>/codes``) and runs the
+    wrapped merge on what it reads back: the merged model equals the in-memory method's bit for
+    bit, the files decode to the definition, and storage is their payload (= exact_storage)."""
+    from pathlib import Path
+
+    import yaml
+
+    from mergeflow import stages
+    from mergeflow.params import validate
+    from mergeflow.vectors import extract_task_vector
+
+    base, fts, b, ft = checkpoints
+    root = tmp_path / "ws"
+    lay = stages.Layout(root)
+    ck = save_checkpoint(lay.checkpoints / "base", base)
+    tasks = ["t0", "t1", "t2"]
+    lay.vectors.mkdir(parents=True)
+    for t, p in zip(tasks, ft):
+        extract_task_vector(Checkpoint(ck), Checkpoint(p), lay.vectors / f"{t}.safetensors", {"task": t})
+    lay.sources.write_text(json.dumps({"source": "test", "tasks": tasks}))
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params["device"] = "cpu"
+    params["merge"]["methods"] = [method]
+    params["merge"][method] = hp
+    p = validate(params)
+    work = tmp_path / "work"
+    work.mkdir()
+    meta = stages.run_unit("merge", p, root, method, work)
+    dst = work / method
+    got = Checkpoint(dst).state_dict()
+    base_ck = Checkpoint(lay.checkpoints / "base")
+    names = [k for k in base if base[k].is_floating_point()]
+    full = methods.get(method).hyper(hp)
+    taus = {k: [f[k].float() - base[k].float() for f in fts] for k in names}
+    # the definition: the wrapped merge on the quantised-dequantised task vectors, held in memory
+    if method == "tvq":
+        quantised = {k: [qdq(t, full["bits"]) for t in taus[k]] for k in names}
+    else:
+        quantised = {k: rtvq_qdq(taus[k], full["base_bits"], full["offset_bits"]) for k in names}
+    held = [TaskVectors(base_ck, MemoryCheckpoint({k: quantised[k][i] for k in names}), True) for i in range(len(tasks))]
+    (want,) = merge(methods.get(full["merge"]), base_ck, held, full["options"])
+    # (``merge`` returns float32; the stage writes each tensor in the base's dtype)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in got)
+    # and so does the in-memory tvq / rtvq method
+    (mem,) = merge(methods.get(method), base_ck,
+                   [TaskVectors.from_vector(base_ck, lay.vectors / f"{t}.safetensors") for t in tasks], hp)
+    assert all(torch.equal(got[k], mem[k].to(got[k].dtype)) for k in got)
+    shapes = {k: tuple(base[k].shape) for k in names}
+    assert meta["storage_bytes"] == tvq_module.exact_storage(full, 0, len(tasks), shapes)
+    taus = {k: [f[k].float() - base[k].float() for f in fts] for k in names}
+    if method == "tvq":
+        assert meta["codes"] == [f"{t}.tvq" for t in tasks]
+        for i, t in enumerate(tasks):
+            dec = load_tvq(dst / "codes" / f"{t}.tvq").dequantise()
+            assert all(torch.equal(dec[k], qdq(taus[k][i], full["bits"])) for k in names)
+        assert meta["storage_bytes"] == sum(quant_stats(dst / "codes" / f"{t}.tvq").payload_bytes for t in tasks)
+    else:
+        assert meta["codes"] == ["tasks.rtvq"]
+        r = load_rtvq(dst / "codes" / "tasks.rtvq")
+        for k in names:
+            assert all(torch.equal(r.dequantise(i)[k], v) for i, v in
+                       enumerate(rtvq_qdq(taus[k], full["base_bits"], full["offset_bits"])))
+        assert meta["storage_bytes"] == quant_stats(dst / "codes" / "tasks.rtvq").payload_bytes
+    assert sorted(x.name for x in work.iterdir()) == [method]  # no scratch left

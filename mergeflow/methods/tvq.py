@@ -12,6 +12,10 @@ on the dequantised vectors. So both methods here wrap another, static merge:
   each offset tau_t - base^ (against the dequantised base: the paper's error correction) at
   ``offset_bits``; the merge runs on base^ + o_t^. Defaults 3 and 2, the paper's B3O2.
 
+Here the quantisation runs in memory (``qdq``: what ``mergeflow merge`` and the API do); the
+pipeline's merge stage keeps the codes as files and merges from them instead
+(``mergeflow.stages._quantised_merge``, the same merged model bit for bit).
+
 A wrapped method with a model-wide ``prepare`` step (TIES with ``scope: global``, ...) sees the
 quantised vectors there too. Refused as ``merge``: dynamic methods (the registry fixes
 ``dynamic`` per method, and these are static), methods needing layer-input data (CAT), the
@@ -71,7 +75,8 @@ def _validate(hp: dict, where: str) -> None:
     hp["options"] = inner_method(hp["merge"], where).hyper(hp["options"], where=f"{where}options.")
 
 
-def _inner(hp: dict) -> tuple[Method, dict]:
+def inner(hp: dict) -> tuple[Method, dict]:
+    """The wrapped method and its full hyper-parameters, from tvq's or rtvq's."""
     method = inner_method(hp["merge"])
     return method, method.hyper(hp["options"])
 
@@ -80,7 +85,7 @@ def _wrapped_prepare(quantised):
     """``prepare`` of a wrapper whose task vectors are ``quantised(taus, hp)``."""
 
     def prepare(stream, hp: dict) -> Any:
-        method, options = _inner(hp)
+        method, options = inner(hp)
         if method.prepare is None:
             return None
 
@@ -94,7 +99,7 @@ def _wrapped_prepare(quantised):
 
 
 def _run(name, base, taus, hp: dict, ctx) -> Any:
-    method, options = _inner(hp)
+    method, options = inner(hp)
     kwargs = dict(options)
     if method.prepare is not None:
         kwargs["ctx"] = ctx
