@@ -165,6 +165,10 @@ def check_pool(client, p: Params, url: str) -> int:
     if dep.work_pool_name != pool:
         raise MergeflowError(f"deployment {name!r} runs on pool {dep.work_pool_name!r}, not {pool!r}: "
                              f"recreate it with `mergeflow deploy --params FILE`")
+    takes = set(((dep.parameter_openapi_schema or {}).get("properties") or {}))
+    if p.run.gpu.transfer == "dvc" and takes and "transfer" not in takes:
+        raise MergeflowError(f"deployment {name!r} was made by an older mergeflow without run.gpu.transfer: "
+                             f"recreate it with `mergeflow deploy --params FILE`")
     online = client.read_workers_for_work_pool(pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))
     return len(online)
 
@@ -208,9 +212,10 @@ def run_on_pool(stage: str, p: Params, root: Path, code: str) -> dict:
             log.warning("%s: no worker online in pool %r yet; the run waits for one "
                         "(`prefect worker start --pool %s` on a GPU machine)", stage, pool, pool)
         # a subflow of the pipeline when both live on one server; parameters stay plain JSON
-        fr = run_deployment(name, parameters={"stage": stage, "params": p.model_dump(mode="json"),
-                                              "root": str(root) if transfer is None else "",
-                                              "code": code, "transfer": transfer},
+        parameters = {"stage": stage, "params": p.model_dump(mode="json"), "root": str(root), "code": code}
+        if transfer is not None:  # (a stage deployment made before transfer existed takes shared runs still)
+            parameters |= {"root": "", "transfer": transfer}
+        fr = run_deployment(name, parameters=parameters,
                             flow_run_name=stage, timeout=0, as_subflow=same)
         log.info("%s: flow run %s of %s submitted to pool %r", stage, fr.id, name, pool)
         warned = False
