@@ -421,7 +421,6 @@ def _quantised_merge(p: Params, lay: Layout, name: str, hp: dict, tasks: list[st
         method, options = inner(hp)
         merge_to_disk(method, base, [TaskVectors(base, v, True) for v in views], options, dst, resolve_device(p.device),
                       metadata={"tasks": ",".join(tasks)})
-        del views
         os.replace(codes, dst / "codes")
     finally:
         shutil.rmtree(codes, ignore_errors=True)

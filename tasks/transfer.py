@@ -19,10 +19,7 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -30,7 +27,7 @@ import yaml
 from mergeflow.errors import MergeflowError
 from mergeflow.io.atomic import write_json
 from mergeflow.stages import Layout
-from tasks import cache
+from tasks import cache, version
 
 REMOTE = "mergeflow"  # the remote's name inside a worker's repository
 
@@ -39,18 +36,8 @@ RETRY_DELAYS = (2.0, 8.0, 30.0)  # push and pull go over the network: retried wi
 
 
 def dvc(args: list[str], cwd: Path, what: str, retry: bool = False) -> str:
-    """Run ``python -m dvc ARGS`` in ``cwd``; a failure is one line naming what was being done.
-    ``retry``: tried again after each of RETRY_DELAYS before giving up (push, pull)."""
-    for delay in (*(RETRY_DELAYS if retry else ()), None):
-        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True,
-                              env=dict(os.environ, DVC_NO_ANALYTICS="1"))
-        if proc.returncode == 0 or delay is None:
-            break
-        time.sleep(delay)
-    if proc.returncode != 0:
-        detail = " ".join((proc.stderr or proc.stdout).split())[:300]
-        raise MergeflowError(f"{what} failed in {cwd} (dvc {' '.join(args)}): {detail}")
-    return proc.stdout
+    """``tasks.version.dvc``, with RETRY_DELAYS when ``retry`` (push, pull)."""
+    return version.dvc(args, cwd, what, RETRY_DELAYS if retry else ())
 
 
 def remote_url(root: Path, name: str) -> str:
@@ -78,7 +65,7 @@ def empty_dirs(root: Path, paths: list[Path]) -> list[str]:
 def push_inputs(root: Path, stage: str, remote: str) -> dict[str, str]:
     """Commit and push the outputs of ``stage``'s upstream stages; returns ``{relative path: DVC hash}``."""
     ups = list(cache.UPSTREAM[stage])
-    if not ((root / ".dvc").is_dir() and (root / "dvc.yaml").exists()):
+    if not version.is_dvc_repo(root):
         raise MergeflowError(f"run.gpu.transfer: dvc needs the workspace {root} to be a DVC repository with dvc.yaml "
                              f"(git init && dvc init)")
     dvc(["commit", "--force", "--quiet", *ups], root, f"committing the inputs of {stage}")

@@ -5,15 +5,34 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
+
+from mergeflow.errors import MergeflowError
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 def is_dvc_repo(root: Path) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").exists()
+
+
+def dvc(args: list[str], cwd: Path, what: str, retry_delays: tuple[float, ...] = ()) -> str:
+    """Run ``python -m dvc ARGS`` in ``cwd`` (a subprocess: DVC resolves paths against the working
+    directory, which a flow must not change); tried again after each of ``retry_delays`` seconds
+    (network steps); a failure is one line naming what was being done. Returns stdout."""
+    for delay in (*retry_delays, None):
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True,
+                              env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+        if proc.returncode == 0 or delay is None:
+            break
+        time.sleep(delay)
+    if proc.returncode != 0:
+        detail = " ".join((proc.stderr or proc.stdout).split())[:300]
+        raise MergeflowError(f"{what} failed in {cwd} (dvc {' '.join(args)}): {detail}")
+    return proc.stdout
 
 
 @task(name="dvc-commit", cache_policy=None)
@@ -23,11 +42,7 @@ def dvc_commit(root: Path) -> str | None:
     if not is_dvc_repo(root):
         log.warning("%s is not a DVC repository with a dvc.yaml: outputs not versioned (run `dvc init`)", root)
         return None
-    # A subprocess: DVC resolves paths against the working directory, which a flow must not change.
-    proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet"], cwd=root,
-                          capture_output=True, text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc commit failed in {root}: {' '.join((proc.stderr or proc.stdout).split())[:300]}")
+    dvc(["commit", "--force", "--quiet"], root, "dvc commit")
     digest = lock_digest(root)
     log.info("dvc: outputs committed, dvc.lock sha256 %s", (digest or "")[:12])
     return digest
@@ -49,9 +64,5 @@ def git_commit(root: Path) -> str | None:
 @task(name="dvc-push", cache_policy=None, retries=3, retry_delay_seconds=[2, 8, 30])
 def dvc_push(root: Path, remote: str) -> None:
     """``dvc push -r REMOTE``: the committed outputs to the team's remote (retried: it is the network)."""
-    log = get_run_logger()
-    proc = subprocess.run([sys.executable, "-m", "dvc", "push", "-r", remote, "--quiet"], cwd=root,
-                          capture_output=True, text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
-    if proc.returncode != 0:
-        raise RuntimeError(f"dvc push -r {remote} failed in {root}: {' '.join((proc.stderr or proc.stdout).split())[:300]}")
-    log.info("dvc: outputs pushed to remote %r", remote)
+    dvc(["push", "-r", remote, "--quiet"], root, f"dvc push -r {remote}")
+    get_run_logger().info("dvc: outputs pushed to remote %r", remote)
