@@ -25,13 +25,11 @@ from pathlib import Path
 import yaml
 
 from mergeflow.errors import MergeflowError
-from mergeflow.io.atomic import write_json
+from mergeflow.io.atomic import replace_whole, write_json
 from mergeflow.stages import Layout
 from tasks import cache, version
 
 REMOTE = "mergeflow"  # the remote's name inside a worker's repository
-
-
 RETRY_DELAYS = (2.0, 8.0, 30.0)  # push and pull go over the network: retried with these waits
 
 
@@ -98,15 +96,8 @@ def pull(root: Path, hashes: dict[str, str], remote: str, what: str, dirs: list[
             targets.append(str((scratch / f"{name}.dvc").relative_to(root)))
         dvc(["pull", "--force", "--quiet", "-r", remote, *targets], root, what, retry=True)
         for i, (rel, _) in enumerate(sorted(hashes.items())):
-            src, dst = scratch / f"{i}-{Path(rel).name}", root / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            old = None
-            if dst.exists() or dst.is_symlink():
-                old = dst.with_name(f".{dst.name}.{os.getpid()}.old")
-                os.replace(dst, old)
-            os.replace(src, dst)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            replace_whole(scratch / f"{i}-{Path(rel).name}", root / rel)
         for d in dirs:
             (root / d).mkdir(parents=True, exist_ok=True)
     finally:
