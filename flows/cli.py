@@ -16,24 +16,26 @@ def save_overrides(path: Path, sets: list[str]) -> None:
     so that dvc.lock, the MLflow run and the next ``dvc repro`` all see the params that ran."""
     from ruamel.yaml import YAML
 
-    from mergeflow.io.atomic import write_text
     import io
+
+    from mergeflow.io.atomic import atomic_file
+    from mergeflow.params import parse_assignment
 
     yaml = YAML()
     yaml.preserve_quotes = True
     data = yaml.load(path.read_text()) or {}
     for item in sets:
-        key, raw = item.split("=", 1)
-        keys = key.strip().split(".")
+        keys, value = parse_assignment(item)
         node = data
         for k in keys[:-1]:
             if k not in node:
                 node[k] = {}
             node = node[k]
-        node[keys[-1]] = YAML(typ="safe").load(raw)
+        node[keys[-1]] = value
     buf = io.StringIO()
     yaml.dump(data, buf)
-    write_text(path, buf.getvalue())
+    with atomic_file(path, user_file=True) as tmp:  # the user's params file, edited as asked (as dvc exp run -S)
+        tmp.write_text(buf.getvalue())
 
 
 def print_table(metrics: dict) -> None:
@@ -136,9 +138,10 @@ _QUICK_EXIT = ("merge", "methods")
 def main() -> None:
     import sys
 
+    from mergeflow.cli import run_app
+
     try:
-        app()
-        code = 0
+        code = run_app(app)
     except SystemExit as exc:
         code = exc.code
     if len(sys.argv) > 1 and sys.argv[1] in _QUICK_EXIT and (code is None or isinstance(code, int)):

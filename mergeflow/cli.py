@@ -10,7 +10,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from mergeflow.errors import MergeflowError
+from mergeflow.errors import MergeflowError, MergeflowWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Model merging with binary task switches.")
 switch_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Binary task switches.")
@@ -33,15 +33,41 @@ def guarded(fn: Callable[[], Any]) -> Any:
 
 
 def parse_sets(sets: list[str] | None) -> dict[str, Any]:
-    import yaml
+    """``--set key=value`` options of the library commands (one level: hyper-parameter names)."""
+    from mergeflow.params import parse_assignment
 
     out = {}
     for item in sets or []:
-        if "=" not in item:
-            raise MergeflowError(f"--set {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
+        keys, value = parse_assignment(item)
+        out[".".join(keys)] = value
     return out
+
+
+def warn(msg: str) -> None:
+    """A one-line warning on stderr (the work goes on)."""
+    typer.echo(f"mergeflow: warning: {' '.join(str(msg).split())}", err=True)
+
+
+def check_models(base: Path, models: list[Path], names: list[str]) -> None:
+    """Warn (one line each) about a model given twice and a model that is the base's own file."""
+    import os
+
+    real_base = os.path.realpath(base)
+    seen: dict[str, int] = {}
+    for i, (path, name) in enumerate(zip(models, names)):
+        real = os.path.realpath(path)
+        if real == real_base:
+            warn(f"{name}: is the base itself (its task vector is zero); merged as given")
+        elif real in seen:
+            warn(f"{name}: given twice (models {seen[real]} and {i}); merged as given, as two tasks")
+        seen.setdefault(real, i)
+
+
+def warn_unchanged(sources, names: list[str]) -> None:
+    """After a merge: warn about each fine-tune the engine found identical to the base."""
+    for src, name in zip(sources, names):
+        if not src.changed:
+            warn(f"{name}: identical to the base (its task vector is zero); it adds nothing to the merge")
 
 
 def progress_bar(description: str):
@@ -76,6 +102,8 @@ def merge_cmd(
         from mergeflow.io.sources import resolve_ref
         from mergeflow.merge import TaskVectors, merge_to_disk, resolve_device
 
+        from mergeflow.io.outputs import claim
+
         m = methods.get(method)
         sets = parse_sets(set_)
         store = sets.pop("store", "checkpoints")
@@ -86,8 +114,11 @@ def merge_cmd(
             raise MergeflowError(f"--set store={store}: only tswitch has a compact switch store")
         hp = m.hyper(sets, where="--set ")
         dev = resolve_device(device)
-        base_ckpt = Checkpoint(resolve_ref(base))
-        sources = [TaskVectors.from_model(base_ckpt, resolve_ref(r)) for r in models]
+        base_path, model_paths = resolve_ref(base), [resolve_ref(r) for r in models]
+        claim(out, is_dir=True, inputs=[base_path, *model_paths])
+        check_models(base_path, model_paths, models)
+        base_ckpt = Checkpoint(base_path)
+        sources = [TaskVectors.from_model(base_ckpt, p) for p in model_paths]
         if store == "switches":
             return _write_switches(base_ckpt, sources, hp["drop"], out)
         from mergeflow._alloc import reuse_freed_memory
@@ -97,6 +128,7 @@ def merge_cmd(
         with bar:
             merge_to_disk(m, base_ckpt, sources, hp, out, dev, dtype=DTYPES[out_dtype] if out_dtype else None,
                           progress=update, metadata={"base": base})
+        warn_unchanged(sources, models)
         typer.echo(f"wrote {out}")
 
     guarded(go)
@@ -130,6 +162,7 @@ def compress_cmd(
         from mergeflow import methods
         from mergeflow.codecs.switch import save_switch
         from mergeflow.io.checkpoint import Checkpoint
+        from mergeflow.io.outputs import claim
         from mergeflow.io.sources import resolve_ref
         from mergeflow.methods import tswitch
         from mergeflow.vectors import iter_task_vector
@@ -139,7 +172,10 @@ def compress_cmd(
         if encoding not in ("auto", "bitmap", "ans"):
             raise MergeflowError(f"--set encoding={encoding}: not one of auto, bitmap, ans")
         hp = methods.get("tswitch").hyper(sets, where="--set ")
-        base_ckpt, model_ckpt = Checkpoint(resolve_ref(base)), Checkpoint(resolve_ref(model))
+        base_path, model_path = resolve_ref(base), resolve_ref(model)
+        claim(out, is_dir=False, inputs=[base_path, model_path])
+        check_models(base_path, [model_path], [model])
+        base_ckpt, model_ckpt = Checkpoint(base_path), Checkpoint(model_path)
         sw = tswitch.compress(iter_task_vector(base_ckpt, model_ckpt), hp["drop"], metadata={"base": base, "model": model})
         st = save_switch(out, sw, encoding=encoding)
         n = st.n_params + sum(t.numel() for t in sw.dense.values())
@@ -163,7 +199,11 @@ def switch_apply_cmd(
         from mergeflow.io.sources import resolve_ref
         from mergeflow.methods.tswitch import apply_switch
 
-        base_ckpt = Checkpoint(resolve_ref(base))
+        from mergeflow.io.outputs import claim
+
+        base_path = resolve_ref(base)
+        claim(out, is_dir=True, inputs=[base_path, switch])
+        base_ckpt = Checkpoint(base_path)
         write_checkpoint(out, apply_switch(base_ckpt, load_switch(switch), source=str(switch)), like=base_ckpt)
         typer.echo(f"wrote {out}")
 
@@ -210,9 +250,62 @@ def stage_cmd(
     guarded(go)
 
 
+def run_app(application: typer.Typer, argv: list[str] | None = None) -> int:
+    """Run the command line; every failure is one line on stderr and a non-zero status.
+
+    Usage errors (a missing argument, an unknown option) are printed as one line instead of
+    click's framed box; warnings of the libraries underneath are not shown (an expected failure
+    must read as its one line), mergeflow's own warnings are, one line each."""
+    import warnings
+
+    import click
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, MergeflowWarning):
+            warn(str(message))
+
+    warnings.showwarning = show
+    warnings.simplefilter("default", MergeflowWarning)
+    try:
+        result = application(args=argv, standalone_mode=False, prog_name="mergeflow")
+    except click.exceptions.NoArgsIsHelpError as exc:
+        typer.echo(exc.ctx.get_help())
+        return 0
+    except click.UsageError as exc:
+        where = f"{exc.ctx.command_path}: " if exc.ctx is not None and exc.ctx.command_path != "mergeflow" else ""
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        typer.echo(f"mergeflow: error: {where}{' '.join(exc.format_message().split())}{hint}", err=True)
+        return 2
+    except click.ClickException as exc:
+        typer.echo(f"mergeflow: error: {' '.join(exc.format_message().split())}", err=True)
+        return exc.exit_code or 1
+    except click.exceptions.Abort:
+        typer.echo("mergeflow: error: aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("mergeflow: error: interrupted", err=True)
+        return 130
+    except MergeflowError as exc:  # raised outside a command's guard (e.g. by a callback)
+        typer.echo(f"mergeflow: error: {' '.join(str(exc).split())}", err=True)
+        return 2
+    except OSError as exc:  # disk full, permission denied, ...: the file and the reason
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"mergeflow: error: {where}{exc.strerror or ' '.join(str(exc).split())}", err=True)
+        return 2
+    except Exception as exc:  # a bug: one line, the traceback on request
+        import os
+
+        if os.environ.get("MERGEFLOW_DEBUG"):
+            raise
+        typer.echo(f"mergeflow: error: internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+                   f"set MERGEFLOW_DEBUG=1 for the traceback", err=True)
+        return 1
+    return result if isinstance(result, int) else 0
+
+
 def main() -> None:
-    app()
+    sys.exit(run_app(app))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

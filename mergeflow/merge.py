@@ -46,6 +46,7 @@ class TaskVectors:
 
     def __init__(self, base: Checkpoint, ref: Checkpoint, is_vector: bool):
         self.base, self.ref, self.is_vector = base, ref, is_vector
+        self.changed = False  # set by the engine once a tensor of tau is seen to be nonzero
         if is_vector:
             floating = [n for n in base.names() if _is_floating(base, n)]
             missing = [n for n in floating if n not in ref]
@@ -123,7 +124,9 @@ def _load(base: Checkpoint, sources: Sequence[TaskVectors], name: str, buffers: 
         if not theta0.is_floating_point():
             return theta0, None, []
         check_finite(name, theta0, base.path)
-        return theta0, [src.fetch(name) for src in sources], []
+        raws = [src.fetch(name) for src in sources]
+        _note_changes(theta0, raws, sources)
+        return theta0, raws, []
     used: list[torch.Tensor] = []
 
     def alloc(nbytes: int) -> torch.Tensor:  # called from several reader threads at once
@@ -145,7 +148,16 @@ def _load(base: Checkpoint, sources: Sequence[TaskVectors], name: str, buffers: 
             wait(futures)  # no reader may still be writing into a buffer that goes back
         buffers.give(used)
         raise
+    _note_changes(theta0, raws, sources)
     return theta0, raws, used
+
+
+def _note_changes(theta0: torch.Tensor, raws: Sequence[torch.Tensor], sources: Sequence[TaskVectors]) -> None:
+    """Mark the sources whose task vector is nonzero on this tensor (checked until one is found:
+    for a real fine-tune that is the first floating tensor, so it costs one comparison)."""
+    for src, raw in zip(sources, raws):
+        if not src.changed:
+            src.changed = bool(raw.any()) if src.is_vector else not torch.equal(raw, theta0)
 
 
 def _input_bytes(base: Checkpoint, sources: Sequence[TaskVectors], name: str) -> int:

@@ -217,20 +217,33 @@ class Params(_Section):
         return hashlib.sha256(json.dumps(self.section(*keys), sort_keys=True).encode()).hexdigest()
 
 
+def parse_assignment(item: str) -> tuple[list[str], Any]:
+    """``key.path=value`` (``--set``) -> (["key", "path"], the value parsed as YAML), or a one-line
+    MergeflowError naming the assignment and what is wrong with it."""
+    if not isinstance(item, str) or "=" not in item:
+        raise MergeflowError(f"--set {item!r}: expected key.path=value")
+    path, raw = item.split("=", 1)
+    keys = [k.strip() for k in path.split(".")]
+    if not path.strip():
+        raise MergeflowError(f"--set {item!r}: empty key before '=' (expected key.path=value)")
+    if not all(keys):
+        raise MergeflowError(f"--set {item!r}: empty part in key {path.strip()!r} (expected key.path=value)")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        why = getattr(exc, "problem", None) or "not valid YAML"
+        raise MergeflowError(f"--set {path.strip()}: cannot parse value {raw!r} ({' '.join(str(why).split())})") from None
+    return keys, value
+
+
 def _set(data: dict[str, Any], assignment: str, source: str) -> None:
-    if "=" not in assignment:
-        raise MergeflowError(f"--set {assignment!r}: expected key.path=value")
-    path, raw = assignment.split("=", 1)
-    keys = path.strip().split(".")
+    keys, value = parse_assignment(assignment)
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise MergeflowError(f"--set {path}: {key} is not a section in {source}")
-    try:
-        node[keys[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise MergeflowError(f"--set {path}: cannot parse value {raw!r}") from None
+            raise MergeflowError(f"--set {'.'.join(keys)}: {key} is not a section in {source}")
+    node[keys[-1]] = value
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
@@ -238,14 +251,21 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     path = Path(path)
     if not path.exists():
         raise MergeflowError(f"params file not found: {path}")
+    if path.is_dir():
+        raise MergeflowError(f"{path}: is a folder, not a params file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise MergeflowError(f"{path}:{where} not valid YAML") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeflowError(f"{path}: cannot read the params file ({' '.join(str(exc).split())[:160]})") from None
+    if data is None:
+        raise MergeflowError(f"{path}: empty params file (expected a mapping of sections; "
+                             f"write {{}} for every default)")
     if not isinstance(data, dict):
-        raise MergeflowError(f"{path}: expected a mapping of sections at the top level")
+        raise MergeflowError(f"{path}: expected a mapping of sections at the top level, got a {type(data).__name__}")
     for assignment in overrides:
         _set(data, assignment, str(path))
     return validate(data, str(path))

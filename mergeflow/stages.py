@@ -24,6 +24,7 @@ from mergeflow.codecs.switch import load_switch, save_switch
 from mergeflow.errors import MergeflowError
 from mergeflow.io import hub
 from mergeflow.io.atomic import atomic_dir, write_json
+from mergeflow.io.outputs import check_apart, keep_tree
 from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.merge import TaskVectors, merge_to_disk, resolve_device
 from mergeflow.methods import tswitch
@@ -117,7 +118,7 @@ def download(p: Params, root: Path, log: Log = _noop) -> dict:
     model family resolve every hub ref to a commit (local folders to a content fingerprint), let
     the family write checkpoints, heads and data, and pin it all in ``sources.json``."""
     lay = Layout(root)
-    lay.artifacts.mkdir(parents=True, exist_ok=True)
+    keep_tree(lay.artifacts)
     tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=lay.artifacts))
     try:
         if p.download.family is None:
@@ -129,12 +130,12 @@ def download(p: Params, root: Path, log: Log = _noop) -> dict:
             from mergeflow.models import get_family
 
             family = get_family(p.download.family)
-            sources, pins = resolve_sources(p, log)
+            sources, pins = resolve_sources(p, log, root)
             facts = family.prepare(sources, tmp, log)
             manifest = {"family": family.name, "source": "family", "tasks": list(sources.tasks), **pins, **facts}
         for out in (lay.checkpoints, lay.heads, lay.data):
             (tmp / out.name).mkdir(exist_ok=True)
-            with atomic_dir(out) as dst:
+            with atomic_dir(out, kind="stage:download") as dst:
                 dst.rmdir()
                 os.replace(tmp / out.name, dst)
     finally:
@@ -143,7 +144,7 @@ def download(p: Params, root: Path, log: Log = _noop) -> dict:
     return {"tasks": manifest["tasks"], "family": manifest["family"]}
 
 
-def resolve_sources(p: Params, log: Log = _noop):
+def resolve_sources(p: Params, log: Log = _noop, root: Path | None = None):
     """(``Sources`` for the family, their pins for sources.json): every ``hf://`` ref resolved to the
     commit it points at now (only the local cache when ``download.offline`` or HF_HUB_OFFLINE is
     set), every local folder fingerprinted by content."""
@@ -170,6 +171,9 @@ def resolve_sources(p: Params, log: Log = _noop):
         path = Path(ref).expanduser()
         if not path.exists():
             raise MergeflowError(f"params: {where}: {ref}: no such file or folder (and not an hf:// ref)")
+        if root is not None:  # the stage's outputs never overlap what it reads
+            for out in Layout(root).outs("download"):
+                check_apart(out, [path])
         digest = fingerprint(path)
         log(f"download: {ref} (local) -> sha256 {digest[:12]}")
         return Source(ref, path.resolve(), fingerprint=digest), {"ref": ref, "path": str(path.resolve()), "sha256": digest}
@@ -268,7 +272,7 @@ def run_stage_units(stage: str, p: Params, root: Path, log: Log = _noop, map_uni
     """The whole stage: its units through ``map_units`` (default: one after another), then ``finish``."""
     lay = Layout(root)
     names = units(stage, p, root)
-    with atomic_dir(lay.outs(stage)[0]) as work:
+    with atomic_dir(lay.outs(stage)[0], kind=f"stage:{stage}") as work:
         results = (map_units or _sequential)(lambda u: run_unit(stage, p, root, u, work, log), names)
         return finish(stage, p, root, work, dict(zip(names, results)), log)
 

@@ -63,7 +63,7 @@ def run_stage_fanned(stage: str, p: Params, root: Path, code: str) -> dict:
         return _done(stage, p, root, code, stages.download(p, root, log=log.info), log, t0)
     names = stages.units(stage, p, root)
     log.info("%s: running %d units (%s)", stage, len(names), ", ".join(names))
-    with atomic_dir(stages.Layout(root).outs(stage)[0]) as work:
+    with atomic_dir(stages.Layout(root).outs(stage)[0], kind=f"stage:{stage}") as work:
         futures = [run_unit.submit(stage, p, str(root), u, str(work)) for u in names]
         results = {u: f.result() for u, f in zip(names, futures)}
         summary = stages.finish(stage, p, root, work, results, log=log.info)

@@ -26,6 +26,7 @@ import yaml
 
 from mergeflow.errors import MergeflowError
 from mergeflow.io.atomic import replace_whole, write_json
+from mergeflow.io.outputs import keep_tree
 from mergeflow.stages import Layout
 from tasks import cache, version
 
@@ -127,8 +128,8 @@ def prepare_worker(root: Path, url: str, hashes: dict[str, str], stamps: dict[st
     if not (root / ".dvc").is_dir():
         dvc(["init", "--no-scm", "--quiet"], root, "creating the worker's DVC repository")
     dvc(["remote", "add", "--force", "--default", REMOTE, url], root, "setting the worker's DVC remote")
-    (root / "artifacts").mkdir(exist_ok=True)
-    record = root / ".mergeflow" / "inputs.json"
+    keep_tree(root / "artifacts")
+    record = keep_tree(root / ".mergeflow") / "inputs.json"
     try:
         have = json.loads(record.read_text())
     except (OSError, ValueError):

@@ -1,5 +1,9 @@
 """Atomic outputs: everything is written under a temporary name beside its target and renamed
-into place, so a crash leaves the old output or none, never half of one."""
+into place, so a crash leaves the old output or none, never half of one.
+
+Every rename first checks :func:`mergeflow.io.outputs.check_replaceable`: an existing target is
+replaced only when mergeflow wrote it, so no writer can delete or overwrite a user's file.
+Folders written here get the marker that proves it (``.mergeflow-output``)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from mergeflow.io.outputs import check_replaceable, write_marker
+
+OUTPUT = "output"  # the kind of a folder written through atomic_dir unless told otherwise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -21,9 +29,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+def atomic_file(path: str | os.PathLike, *, user_file: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    An existing ``path`` must be a file mergeflow wrote (checked before and at the rename), except
+    with ``user_file``: a file of the user's that the command was asked to edit (``mergeflow run
+    --set`` writes its overrides into the params file, as ``dvc exp run -S`` does)."""
     path = Path(path)
+    if not user_file:
+        check_replaceable(path, is_dir=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -32,17 +46,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        if not user_file:
+            check_replaceable(path, is_dir=False)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def replace_whole(src: str | os.PathLike, path: str | os.PathLike) -> None:
+def replace_whole(src: str | os.PathLike, path: str | os.PathLike, kind: str | None = None) -> None:
     """Put ``src`` (a finished folder or file on the same filesystem) at ``path``: an existing
     ``path`` is moved aside first and deleted only after ``src`` is in place, so ``path`` is
-    always the complete old or the complete new one (a leftover ``.<name>.*.old`` is stale)."""
+    always the complete old or the complete new one (a leftover ``.<name>.*.old`` is stale).
+    An existing ``path`` must be a mergeflow output of the same form (and ``kind``, if given)."""
     src, path = Path(src), Path(path)
+    check_replaceable(path, is_dir=src.is_dir(), kind=kind)
     old = None
     if path.exists() or path.is_symlink():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
@@ -55,18 +73,23 @@ def replace_whole(src: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, kind: str = OUTPUT) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``path``; on success it replaces ``path`` whole.
 
     The old directory (if any) is moved aside first and deleted only after the new one is in
     place, so at every instant ``path`` is either the complete old or the complete new output.
+    An existing ``path`` must be a mergeflow output of ``kind`` holding only files it wrote
+    (checked here, before the caller's work, and again at the rename); the new folder gets the
+    marker listing its files.
     """
     path = Path(path)
+    check_replaceable(path, is_dir=True, kind=kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        replace_whole(tmp, path)
+        write_marker(tmp, kind)
+        replace_whole(tmp, path, kind)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,7 @@ import shutil
 import struct
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -95,14 +96,14 @@ class Checkpoint:
             self._infos = self._scan(self.path)
         else:
             if (self.path / "config.json").exists():
-                self.config_path = self.path / "config.json"
+                self.config_path = self.member("config.json")
             for index_name, single_name in ((INDEX_NAME, WEIGHTS_NAME), (BIN_INDEX_NAME, BIN_WEIGHTS_NAME),
                                             (None, ADAPTER_WEIGHTS_NAME)):
                 if index_name and (self.path / index_name).exists():
-                    self._infos = self._scan_sharded(self.path / index_name)
+                    self._infos = self._scan_sharded(self.member(index_name))
                     break
                 if (self.path / single_name).exists():
-                    self._infos = self._scan(self.path / single_name)
+                    self._infos = self._scan(self.member(single_name))
                     break
             else:
                 raise MergeflowError(
@@ -110,6 +111,11 @@ class Checkpoint:
                     f"{ADAPTER_WEIGHTS_NAME} in checkpoint directory"
                 )
         self._files: dict[str, Path] = {name: info.file for name, info in self._infos.items()}
+
+    def member(self, rel: str, what: str = "") -> Path:
+        """The file ``rel`` of this checkpoint folder, refused in one line if it lies outside it
+        (see :func:`member_of`)."""
+        return member_of(self.path, rel, what)
 
     # --- scanning -------------------------------------------------------------------------
 
@@ -132,9 +138,9 @@ class Checkpoint:
             raise MergeflowError(f"{index}: not a valid checkpoint index ({_one_line(exc)})") from None
         infos: dict[str, TensorInfo] = {}
         for shard in sorted(set(weight_map.values())):
-            file = index.parent / shard
+            listed = sorted(n for n, s in weight_map.items() if s == shard)[0]
+            file = member_of(index.parent, shard, f"{index}: tensor {listed} is in shard {shard!r}, which")
             if not file.is_file():
-                listed = sorted(n for n, s in weight_map.items() if s == shard)[0]
                 raise MergeflowError(f"{index}: tensor {listed} is in shard {shard}, which is missing")
             for name, info in self._scan(file).items():
                 if weight_map.get(name) != shard:
@@ -257,6 +263,40 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, {len(self._infos)} tensors)"
 
 
+_SNAPSHOT = re.compile(r"[0-9a-f]{40}")
+
+
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where the files of ``folder`` may really live: the folder itself, and for a folder inside a
+    Hugging Face cache snapshot (``<cache>/models--org--name/snapshots/<commit>/...``) the
+    repository's ``blobs/``, which the snapshot's files link to."""
+    real = Path(os.path.realpath(folder))
+    roots = [real]
+    for a in (real, *real.parents):
+        if _SNAPSHOT.fullmatch(a.name) and a.parent.name == "snapshots" and a.parent.parent.name.startswith(
+                ("models--", "datasets--")):
+            roots.append(a.parent.parent / "blobs")
+            break
+    return roots
+
+
+def member_of(folder: str | Path, rel: str, what: str = "") -> Path:
+    """``folder / rel`` for a file named inside a checkpoint (an index's shard, a config, an
+    adapter), refused in one line when the name or the file it leads to (through any symbolic
+    link) lies outside the folder, or outside its Hugging Face cache snapshot. Reads never leave
+    the checkpoint they belong to."""
+    folder = Path(folder)
+    who = what or f"{folder}: {rel!r}"
+    parts = Path(rel).parts
+    if not rel or Path(rel).is_absolute() or ".." in parts or "\\" in rel or "\x00" in rel:
+        raise MergeflowError(f"{who} names a file outside the checkpoint folder {folder}; refused")
+    path = folder / rel
+    real = Path(os.path.realpath(path))
+    if not any(real == r or r in real.parents for r in _allowed_roots(folder)):
+        raise MergeflowError(f"{who} leads outside the checkpoint folder {folder} (to {real}); refused")
+    return path
+
+
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     """Parse and validate a safetensors header, reading no tensor data.
 
@@ -317,13 +357,16 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
     try:
         with open(file, "rb") as fh:
             zipped = fh.read(4) == b"PK\x03\x04"
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing: the refusal says it
+            warnings.simplefilter("ignore")
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:
-        reason = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(exc))
+        reason = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|Please use|$)", str(exc), re.S)
         if reason:
+            why = _one_line(reason.group(1)).rstrip(".") or "unsupported pickle content"
             raise MergeflowError(
-                f"{file}: refused by torch.load(weights_only=True): it holds more than tensors ({_one_line(reason.group(1))})"
-            ) from None
+                f"{file}: refused by torch.load(weights_only=True): it holds more than tensors, or is not a "
+                f"torch.save file ({why})") from None
         raise MergeflowError(f"{file}: corrupt or truncated torch file ({_one_line(exc)})") from None
     except Exception as exc:  # torch.load raises many kinds on damaged files
         first = re.split(r"(?<=\.)\s", _one_line(exc), maxsplit=1)[0]

@@ -33,8 +33,9 @@ def workspace_lock(root: Path, mode: str = "wait", timeout: float = 3600.0,
     fails at once; either way a failure is a one-line MergeflowError naming the holder."""
     from filelock import FileLock, Timeout
 
-    state = Path(root) / ".mergeflow"
-    state.mkdir(parents=True, exist_ok=True)
+    from mergeflow.io.outputs import keep_tree
+
+    state = keep_tree(Path(root) / ".mergeflow")  # the workspace's state: stamps, hashes, records
     owner = state / "run.owner.json"
     lock = FileLock(str(state / "run.lock"))
     try:

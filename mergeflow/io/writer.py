@@ -23,7 +23,7 @@ import torch
 
 from mergeflow.errors import MergeflowError
 from mergeflow.io.atomic import atomic_dir
-from mergeflow.io.checkpoint import ADAPTER_WEIGHTS_NAME, INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Checkpoint
+from mergeflow.io.checkpoint import ADAPTER_WEIGHTS_NAME, INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Checkpoint, member_of
 
 CODES = {dt: code for code, dt in ST_DTYPES.items()}  # torch dtype -> safetensors code
 COPIED_FILES = ("config.json", "generation_config.json", "adapter_config.json")  # small files a loader needs beside the weights
@@ -168,7 +168,7 @@ class CheckpointWriter:
         if self.like.path.is_dir():
             for fname in self.copy_files:
                 if (self.like.path / fname).exists():
-                    shutil.copyfile(self.like.path / fname, self.tmp / fname)
+                    shutil.copyfile(member_of(self.like.path, fname), self.tmp / fname)
 
     def _abort(self, *exc_info) -> None:
         for f in self._files.values():

@@ -255,10 +255,10 @@ class Adapter:
 
     @classmethod
     def read(cls, folder: Path) -> "Adapter":
-        from mergeflow.io.checkpoint import Checkpoint
+        from mergeflow.io.checkpoint import Checkpoint, member_of
 
         folder = Path(folder)
-        cfg_path = folder / ADAPTER_CONFIG
+        cfg_path = member_of(folder, ADAPTER_CONFIG)
         try:
             config = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as exc:
@@ -273,7 +273,7 @@ class Adapter:
                                  f"the factors are not supported")
         if config.get("bias", "none") != "none":
             raise MergeflowError(f"{cfg_path}: bias {config['bias']!r}: trained base biases are not supported (bias: none)")
-        weights = next((folder / f for f in ADAPTER_WEIGHTS if (folder / f).exists()), None)
+        weights = next((member_of(folder, f) for f in ADAPTER_WEIGHTS if (folder / f).exists()), None)
         if weights is None:
             raise MergeflowError(f"{folder}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}")
         names: dict[str, str] = {}
