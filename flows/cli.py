@@ -74,7 +74,10 @@ def run_cmd(
     from mergeflow.params import load_params
 
     t0 = time.perf_counter()
+    from mergeflow.stages import preflight
+
     p = guarded(lambda: load_params(params, set_ or ()))  # every key checked before any work
+    guarded(lambda: preflight(p, params.resolve().parent))  # and every output's place
     if set_:
         save_overrides(params, set_)
     if p.run.prefect_api_url:  # a team's Prefect server (else $PREFECT_API_URL, else a temporary local one)

@@ -75,8 +75,10 @@ def progress_bar(description: str):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)
+    # on a terminal only (a log or a pipe gets the command's one result line, or its one error line)
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[name]}"), console=Console(stderr=True), transient=False)
+                   TextColumn("{task.fields[name]}"), console=console, transient=True, disable=not console.is_terminal)
     task = bar.add_task(description, total=None, name="")
 
     def update(i: int, n: int, name: str) -> None:
@@ -243,6 +245,7 @@ def stage_cmd(
         if name not in stages.STAGES:
             raise MergeflowError(f"unknown stage {name!r} (stages: {', '.join(stages.STAGES)})")
         p = load_params(params, set_ or ())
+        stages.preflight(p, Path.cwd(), [name])  # before the lock and any work
         say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
         with workspace_lock(Path.cwd(), p.run.lock, p.run.lock_timeout, say):  # not beside a running `mergeflow run`
             getattr(stages, name)(p, Path.cwd(), log=say)
@@ -258,8 +261,6 @@ def run_app(application: typer.Typer, argv: list[str] | None = None) -> int:
     must read as its one line), mergeflow's own warnings are, one line each."""
     import warnings
 
-    import click
-
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, MergeflowWarning):
             warn(str(message))
@@ -268,20 +269,22 @@ def run_app(application: typer.Typer, argv: list[str] | None = None) -> int:
     warnings.simplefilter("default", MergeflowWarning)
     try:
         result = application(args=argv, standalone_mode=False, prog_name="mergeflow")
-    except click.exceptions.NoArgsIsHelpError as exc:
-        typer.echo(exc.ctx.get_help())
-        return 0
-    except click.UsageError as exc:
-        where = f"{exc.ctx.command_path}: " if exc.ctx is not None and exc.ctx.command_path != "mergeflow" else ""
-        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
-        typer.echo(f"mergeflow: error: {where}{' '.join(exc.format_message().split())}{hint}", err=True)
-        return 2
-    except click.ClickException as exc:
-        typer.echo(f"mergeflow: error: {' '.join(exc.format_message().split())}", err=True)
-        return exc.exit_code or 1
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.echo("mergeflow: error: aborted", err=True)
         return 130
+    except typer.TyperException as exc:  # click's exceptions (typer carries its own copy of click)
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            return 0
+        message = " ".join(exc.format_message().split())
+        if ctx is None:
+            typer.echo(f"mergeflow: error: {message}", err=True)
+            return getattr(exc, "exit_code", 2) or 2
+        command = ctx.command_path.removeprefix("mergeflow").strip()
+        where = f"{command}: " if command else ""
+        typer.echo(f"mergeflow: error: {where}{message.rstrip('.')} (see {ctx.command_path} --help)", err=True)
+        return 2
     except KeyboardInterrupt:
         typer.echo("mergeflow: error: interrupted", err=True)
         return 130

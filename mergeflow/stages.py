@@ -24,7 +24,7 @@ from mergeflow.codecs.switch import load_switch, save_switch
 from mergeflow.errors import MergeflowError
 from mergeflow.io import hub
 from mergeflow.io.atomic import atomic_dir, write_json
-from mergeflow.io.outputs import check_apart, keep_tree
+from mergeflow.io.outputs import check_apart, check_replaceable, keep_tree
 from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.merge import TaskVectors, merge_to_disk, resolve_device
 from mergeflow.methods import tswitch
@@ -79,6 +79,16 @@ class Layout:
     def eval(self) -> Path:
         return self.artifacts / "eval"
 
+    def claim(self, stages: tuple[str, ...] | list[str] = STAGES) -> None:
+        """Refuse (one line), before any work, when an output of these stages is in the way: a
+        folder or file there that mergeflow did not write (see :mod:`mergeflow.io.outputs`)."""
+        for folder in (self.artifacts, self.root / ".mergeflow"):
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                raise MergeflowError(f"{folder}: exists and is not a folder; mergeflow keeps its outputs there, move it away")
+        for stage in stages:
+            for out in self.outs(stage):
+                check_replaceable(out, is_dir=out != self.sources, kind=None if out == self.sources else f"stage:{stage}")
+
     def outs(self, stage: str) -> list[Path]:
         return {
             "download": [self.checkpoints, self.heads, self.data, self.sources],
@@ -118,8 +128,9 @@ def download(p: Params, root: Path, log: Log = _noop) -> dict:
     model family resolve every hub ref to a commit (local folders to a content fingerprint), let
     the family write checkpoints, heads and data, and pin it all in ``sources.json``."""
     lay = Layout(root)
-    keep_tree(lay.artifacts)
-    tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=lay.artifacts))
+    if p.download.family is not None:
+        sources, pins = resolve_sources(p, log, root)  # refs checked before anything is written
+    tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=keep_tree(lay.artifacts)))
     try:
         if p.download.family is None:
             from mergeflow.zoo import ZooSpec, build_zoo
@@ -130,7 +141,6 @@ def download(p: Params, root: Path, log: Log = _noop) -> dict:
             from mergeflow.models import get_family
 
             family = get_family(p.download.family)
-            sources, pins = resolve_sources(p, log, root)
             facts = family.prepare(sources, tmp, log)
             manifest = {"family": family.name, "source": "family", "tasks": list(sources.tasks), **pins, **facts}
         for out in (lay.checkpoints, lay.heads, lay.data):
@@ -142,6 +152,29 @@ def download(p: Params, root: Path, log: Log = _noop) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     write_json(lay.sources, manifest)
     return {"tasks": manifest["tasks"], "family": manifest["family"]}
+
+
+def check_sources_apart(lay: Layout, ref: str, path: Path, where: str) -> None:
+    """A local source may not be, hold or lie inside the workspace's outputs or its state."""
+    for out in (*lay.outs("download"), lay.root / ".mergeflow"):
+        try:
+            check_apart(out, [path])
+        except MergeflowError as exc:
+            raise MergeflowError(f"params: {where}: {ref}: {exc}") from None
+
+
+def preflight(p: Params, root: Path, names: tuple[str, ...] | list[str] = STAGES) -> None:
+    """Everything about the workspace that can be checked before any work: no output of these
+    stages is in the way (:meth:`Layout.claim`), and no local source overlaps an output."""
+    lay = Layout(Path(root))
+    lay.claim(names)
+    d = p.download
+    if "download" in names and d.family is not None:
+        refs = [("download.base", d.base)] + [(f"download.tasks.{t}.{k}", spec.get(k)) for t, spec in d.tasks.items()
+                                              for k in ("model", "dataset")]
+        for where, ref in refs:
+            if isinstance(ref, str) and not ref.startswith("hf://") and Path(ref).expanduser().exists():
+                check_sources_apart(lay, ref, Path(ref).expanduser(), where)
 
 
 def resolve_sources(p: Params, log: Log = _noop, root: Path | None = None):
@@ -172,8 +205,7 @@ def resolve_sources(p: Params, log: Log = _noop, root: Path | None = None):
         if not path.exists():
             raise MergeflowError(f"params: {where}: {ref}: no such file or folder (and not an hf:// ref)")
         if root is not None:  # the stage's outputs never overlap what it reads
-            for out in Layout(root).outs("download"):
-                check_apart(out, [path])
+            check_sources_apart(Layout(root), ref, path, where)
         digest = fingerprint(path)
         log(f"download: {ref} (local) -> sha256 {digest[:12]}")
         return Source(ref, path.resolve(), fingerprint=digest), {"ref": ref, "path": str(path.resolve()), "sha256": digest}

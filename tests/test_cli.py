@@ -64,7 +64,7 @@ def test_tswitch_dynamic_and_compact(models, tmp_path):
         assert torch.allclose(task.get("layer.weight"), b.get("layer.weight") + s * t.float(), atol=1e-6)
     res = invoke("merge", "--method", "tswitch", "--base", base, "--out", tmp_path / "sw", "--set", "store=switches", m0, m1)
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["task_0.switch.safetensors", "task_1.switch.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == [".mergeflow-output", "task_0.switch.safetensors", "task_1.switch.safetensors"]
 
 
 def test_compress_then_apply_rebuilds_task_model(models, tmp_path):
