@@ -11,6 +11,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from mergeflow.errors import MergeflowError, MergeflowWarning
+from mergeflow.io.atomic import CHECKPOINT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Model merging with binary task switches.")
 switch_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Binary task switches.")
@@ -117,7 +118,7 @@ def merge_cmd(
         hp = m.hyper(sets, where="--set ")
         dev = resolve_device(device)
         base_path, model_paths = resolve_ref(base), [resolve_ref(r) for r in models]
-        claim(out, is_dir=True, inputs=[base_path, *model_paths])
+        claim(out, is_dir=True, kind=CHECKPOINT, inputs=[base_path, *model_paths])
         check_models(base_path, model_paths, models)
         base_ckpt = Checkpoint(base_path)
         sources = [TaskVectors.from_model(base_ckpt, p) for p in model_paths]
@@ -162,7 +163,7 @@ def compress_cmd(
 
     def go():
         from mergeflow import methods
-        from mergeflow.codecs.switch import save_switch
+        from mergeflow.codecs.switch import FORMAT_NAME, save_switch
         from mergeflow.io.checkpoint import Checkpoint
         from mergeflow.io.outputs import claim
         from mergeflow.io.sources import resolve_ref
@@ -175,7 +176,7 @@ def compress_cmd(
             raise MergeflowError(f"--set encoding={encoding}: not one of auto, bitmap, ans")
         hp = methods.get("tswitch").hyper(sets, where="--set ")
         base_path, model_path = resolve_ref(base), resolve_ref(model)
-        claim(out, is_dir=False, inputs=[base_path, model_path])
+        claim(out, is_dir=False, kind=FORMAT_NAME, inputs=[base_path, model_path])
         check_models(base_path, [model_path], [model])
         base_ckpt, model_ckpt = Checkpoint(base_path), Checkpoint(model_path)
         sw = tswitch.compress(iter_task_vector(base_ckpt, model_ckpt), hp["drop"], metadata={"base": base, "model": model})
@@ -204,7 +205,7 @@ def switch_apply_cmd(
         from mergeflow.io.outputs import claim
 
         base_path = resolve_ref(base)
-        claim(out, is_dir=True, inputs=[base_path, switch])
+        claim(out, is_dir=True, kind=CHECKPOINT, inputs=[base_path, switch])
         base_ckpt = Checkpoint(base_path)
         write_checkpoint(out, apply_switch(base_ckpt, load_switch(switch), source=str(switch)), like=base_ckpt)
         typer.echo(f"wrote {out}")

@@ -19,7 +19,7 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-GOLDEN = SHARED / "fixtures" / "tswitch_golden.safetensors"
+GOLDEN = Path(__file__).resolve().parent / "fixtures" / "tswitch_golden.safetensors"  # copied from ../shared/fixtures
 
 
 @pytest.fixture(scope="session")

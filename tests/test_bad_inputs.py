@@ -215,6 +215,21 @@ def _foreign_dir(w: World, name: str = "mine") -> Path:
     return d
 
 
+def _stage_output(w: World) -> Path:
+    from mergeflow.io.atomic import atomic_dir
+
+    with atomic_dir(w.p("artifacts", "merged"), kind="stage:merge") as tmp:
+        (tmp / "method.json").write_text("{}")
+    return w.p("artifacts", "merged")
+
+
+def _tvq_file(w: World) -> Path:
+    from mergeflow.codecs import quant
+
+    quant.save_tvq(w.p("codes.tvq"), {"a": quant.quantise(torch.randn(8), 4)})
+    return w.p("codes.tvq")
+
+
 def _merged_plus_file(w: World) -> Path:
     (w.merged / "README.md").write_text("my model card")
     return w.merged
@@ -307,6 +322,8 @@ CASES = [
     ("merge-switch-store-out-foreign-dir",
      lambda w: ["merge", "--method", "tswitch", "--base", w.base, "--out", _foreign_dir(w), "--set", "store=switches", w.m0],
      ["mine", "not a mergeflow output"]),
+    ("merge-out-a-stage-output", merge_to(lambda w: _stage_output(w)), ["artifacts/merged", "stage:merge", "not a checkpoint"]),
+    ("compress-out-a-tvq-file", compress_to(lambda w: _tvq_file(w)), ["codes.tvq", "mergeflow.tvq", "not a mergeflow.switch"]),
     ("compress-out-regular-file", compress_to(lambda w: _file(w, "s.safetensors")), ["s.safetensors", "not written by mergeflow"]),
     ("compress-out-a-folder", compress_to(lambda w: _foreign_dir(w)), ["mine", "is a folder"]),
     ("compress-out-mergeflow-folder", compress_to(lambda w: w.merged), ["merged", "is a folder"]),
@@ -530,3 +547,21 @@ def test_the_base_given_as_a_model_warns(world, capsys):
     err = capsys.readouterr().err
     assert code == 0
     assert any("is the base itself" in line for line in err.splitlines()), err
+
+
+def test_tensor_names_are_never_paths(world, capsys):
+    """Tensors named like paths merge like any other and write nothing outside --out."""
+    from mergeflow.io.checkpoint import Checkpoint
+
+    names = ["../../escape", "/abs/path", "a/../../b"]
+    b = {n: torch.full((3,), float(i)) for i, n in enumerate(names)}
+    m = {n: t + 1 for n, t in b.items()}
+    base, model = _ckpt(world.p("pb"), b), _ckpt(world.p("pm"), m)
+    before = snapshot(world.root)
+    code = run_app(app, [*MERGE, "--base", str(base), "--out", str(world.p("po")), "--set", "scaling=0.5", str(model)])
+    assert code == 0, capsys.readouterr().err
+    after = snapshot(world.root)
+    assert {k for k in after if k not in before} <= {"po", "po/model.safetensors", "po/config.json", "po/.mergeflow-output"}
+    got = Checkpoint(world.p("po")).state_dict()
+    for n in names:
+        torch.testing.assert_close(got[n], b[n] + 0.5)

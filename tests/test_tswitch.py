@@ -19,7 +19,9 @@ def reference(tau: torch.Tensor, drop: float):
         v = tau * sign
         cand = v[v > 0]
         keep = int(cand.numel() * (1 - drop))
-        if keep > 0:
+        if keep <= 0:  # too few to prune: the sign is kept whole (METHODS.md, the authors' guard)
+            ternary[v > 0] = sign
+        else:
             thr = torch.sort(cand, descending=True).values[keep - 1]
             ternary[(v > 0) & (v >= thr)] = sign
     kept = ternary != 0
@@ -46,6 +48,15 @@ def test_keep_counts_per_sign_and_three_levels():
     assert int((ternary == 1).sum()) == int(n_pos * 0.4)  # continuous values: no ties
     assert int((ternary == -1).sum()) == int(n_neg * 0.4)
     assert torch.equal(ternary[ternary != 0].float(), torch.sign(tau[ternary != 0]))
+
+
+def test_a_sign_too_few_to_prune_is_kept_whole():
+    # positives 0.3, 0.1 -> int(2*0.4) = 0: both kept; negatives -0.2, -0.05, -0.7 -> int(3*0.4) = 1: -0.7
+    tau = torch.tensor([0.3, -0.2, 0.1, 0.0, -0.05, -0.7])
+    ternary, scale = ternarize(tau, 0.6)
+    assert ternary.tolist() == [1, 0, 1, 0, 0, -1]
+    assert scale == pytest.approx(((0.09 + 0.01 + 0.49) / 3) ** 0.5, rel=1e-6)
+    assert ternarize(torch.tensor([3.0]), 0.6)[0].tolist() == [1]
 
 
 def test_ties_at_threshold_are_kept():
@@ -90,7 +101,6 @@ def test_heads_kept_dense():
     assert "head.weight" in sw.dense and not sw.tensors
 
 
-@pytest.mark.skipif(not GOLDEN.exists(), reason="../shared/fixtures/tswitch_golden.safetensors not present")
 def test_golden_cases():
     with safe_open(GOLDEN, framework="pt") as fh:
         meta = fh.metadata()

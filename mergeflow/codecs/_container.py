@@ -30,7 +30,7 @@ def write(path: str | os.PathLike, stored: dict[str, torch.Tensor], index: dict,
     packed = zlib.compress(json.dumps(index, separators=(",", ":")).encode(), 9)
     stored = {**stored, "index": torch.from_numpy(np.frombuffer(packed, dtype=np.uint8).copy())}
     header = {"format": format_name, "format_version": str(format_version), "index_crc32": str(zlib.crc32(packed))}
-    with atomic_file(path) as tmp:
+    with atomic_file(path, kind=format_name) as tmp:
         save_file(stored, tmp, metadata=header)
         canonical_header(tmp)
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from mergeflow.io.outputs import check_replaceable, write_marker
 
-OUTPUT = "output"  # the kind of a folder written through atomic_dir unless told otherwise
+CHECKPOINT = "checkpoint"  # the kind of a folder written through atomic_dir unless told otherwise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -29,15 +29,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, *, user_file: bool = False) -> Iterator[Path]:
+def atomic_file(path: str | os.PathLike, *, kind: str | None = None, user_file: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
-    An existing ``path`` must be a file mergeflow wrote (checked before and at the rename), except
+    An existing ``path`` must be a file mergeflow wrote (checked before and at the rename; of
+    ``kind``, a container format such as ``mergeflow.switch``, if given), except
     with ``user_file``: a file of the user's that the command was asked to edit (``mergeflow run
     --set`` writes its overrides into the params file, as ``dvc exp run -S`` does)."""
     path = Path(path)
     if not user_file:
-        check_replaceable(path, is_dir=False)
+        check_replaceable(path, is_dir=False, kind=kind)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -47,7 +48,7 @@ def atomic_file(path: str | os.PathLike, *, user_file: bool = False) -> Iterator
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         if not user_file:
-            check_replaceable(path, is_dir=False)
+            check_replaceable(path, is_dir=False, kind=kind)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -73,7 +74,7 @@ def replace_whole(src: str | os.PathLike, path: str | os.PathLike, kind: str | N
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, kind: str = OUTPUT) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, kind: str = CHECKPOINT) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``path``; on success it replaces ``path`` whole.
 
     The old directory (if any) is moved aside first and deleted only after the new one is in

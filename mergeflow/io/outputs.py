@@ -126,7 +126,8 @@ def _owning_marker(path: Path) -> tuple[Path, dict] | None:
 
 
 def file_owner(path: Path) -> str | None:
-    """Why mergeflow may replace the existing file ``path`` (None: it may not)."""
+    """What mergeflow wrote at the existing file ``path``: its container format (``mergeflow.switch``),
+    or the kind of the mergeflow folder it lies in (None: not mergeflow's)."""
     fmt = _file_format(path)
     if fmt is not None and fmt.startswith("mergeflow."):
         return fmt
@@ -154,8 +155,11 @@ def check_replaceable(path: str | os.PathLike, is_dir: bool, kind: str | None = 
     if not is_dir and path.is_dir():
         raise MergeflowError(f"{path}: is a folder, and this output is a file; mergeflow does not replace it")
     if not is_dir:
-        if file_owner(path) is None:
+        owner = file_owner(path)
+        if owner is None:
             raise MergeflowError(f"{path}: exists and was not written by mergeflow; it is left as it is (give another --out)")
+        if kind is not None and owner.startswith("mergeflow.") and owner != kind:
+            raise MergeflowError(f"{path}: is a {owner} file, not a {kind} one; it is left as it is (give another --out)")
         return
     marker = read_marker(path)
     present = _listing(path)

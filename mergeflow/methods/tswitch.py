@@ -2,7 +2,8 @@
 
 Per task and per tensor with at least one dimension, the task vector becomes three switches:
 an activation switch (keep the int(n_pos*(1-drop)) largest positive and int(n_neg*(1-drop))
-most negative entries, ties at the threshold kept), a polarity switch B = sign of the kept
+most negative entries, ties at the threshold kept; a sign whose keep count is 0 is left
+unpruned, all its entries kept), a polarity switch B = sign of the kept
 entries, and one norm-preserving scale s = ||tau_kept||_2 / ||B||_2. The task model is
 theta_0 + s * B. 0-dim tensors stay dense; all-zero task-vector tensors are skipped.
 """
@@ -29,7 +30,8 @@ def ternarize(tau: torch.Tensor, drop: float) -> tuple[torch.Tensor, float]:
         positive = values > 0
         candidates = values[positive]
         keep = int(candidates.numel() * (1 - drop))
-        if keep <= 0:
+        if keep <= 0:  # too few of this sign to prune (the authors' guard): all of them are kept
+            ternary[positive] = sign
             continue
         threshold = kth_largest(candidates, keep)
         ternary[positive & (values >= threshold)] = sign
