@@ -130,14 +130,16 @@ def test_failure_leaves_no_output(models, tmp_path):
 
 def test_existing_output_kept_on_failure(models, tmp_path):
     base, fts, b, ft = models
+    from mergeflow.io.atomic import atomic_dir
+
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    with atomic_dir(out) as tmp:  # a previous output of mergeflow's
+        (tmp / "keep.txt").write_text("old")
     ck = Checkpoint(b)
-    with pytest.raises(MergeflowError):
+    with pytest.raises(MergeflowError, match="never written"):
         with CheckpointWriter(out, like=ck) as w:
             w.write("embed.weight", base["embed.weight"])  # the other tensors never come
-    assert (out / "keep.txt").read_text() == "old" and len(list(out.iterdir())) == 1
+    assert (out / "keep.txt").read_text() == "old" and sorted(p.name for p in out.iterdir()) == [".mergeflow-output", "keep.txt"]
     with pytest.raises(MergeflowError, match="shape"):
         with CheckpointWriter(out, like=ck) as w:
             w.write("embed.weight", torch.zeros(3))
@@ -163,7 +165,7 @@ def test_cli_merge_end_to_end(models, tmp_path):
         assert torch.equal(got[k], v), k
     res = CliRunner().invoke(app, ["merge", "--method", "emr", "--base", str(b), "--out", str(tmp_path / "emr"), *map(str, ft)])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "emr").iterdir()) == ["task_0", "task_1", "task_2"]
+    assert sorted(p.name for p in (tmp_path / "emr").iterdir()) == [".mergeflow-output", "task_0", "task_1", "task_2"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -435,8 +435,10 @@ def sources_for(hub, task: str, model: Path, **options):
 def one_line_error(hub, tmp_path, sources) -> str:
     from mergeflow.models.text import TextClassification
 
-    with pytest.raises(MergeflowError) as exc:
-        TextClassification.prepare(sources, tmp_path / "out", lambda _: None)
+    import tempfile
+
+    with pytest.raises(MergeflowError) as exc:  # a fresh folder each time, as the download stage gives
+        TextClassification.prepare(sources, Path(tempfile.mkdtemp(dir=tmp_path)), lambda _: None)
     assert "\n" not in str(exc.value)
     return str(exc.value)
 

@@ -89,7 +89,7 @@ def test_killed_mid_stage_resumes_without_recomputing(reference, tmp_path):
         assert f"{stage}: cached" in rerun.output, rerun.output[-3000:]
     assert "evaluate: running" in rerun.output
     assert artifact_digests(ws) == reference
-    assert not [p for p in (ws / "artifacts").rglob(".*") if p.name != ".gitignore"]  # no leftovers of the killed run
+    assert not [p for p in (ws / "artifacts").rglob(".*") if p.name not in (".gitignore", ".mergeflow-output")]  # no leftovers
 
 
 def test_second_run_waits_for_the_first(tmp_path):

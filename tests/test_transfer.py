@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from mergeflow.errors import MergeflowError
+from mergeflow.io.atomic import atomic_dir
+from mergeflow.io.outputs import MARKER
 from tasks import transfer as tr
+
+
+def _dotfiles(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob(".*"))
 
 
 def _tree(root: Path) -> dict[str, bytes | None]:
@@ -24,12 +30,13 @@ def remote_and_source(tmp_path):
     remote = tmp_path / "remote"
     src = tmp_path / "src"
     merged = src / "artifacts" / "merged"
-    (merged / "tswitch").mkdir(parents=True)
-    (merged / "plots").mkdir()
-    (merged / "a.safetensors").write_bytes(bytes(range(256)) * 4)
-    (merged / "tswitch" / "b.json").write_text('{"x": 1}\n')
-    (src / "artifacts" / "sources.json").write_text('{"tasks": ["t0"]}\n')
     tr.prepare_worker(src, str(remote), {}, {})  # dvc init --no-scm + the remote
+    with atomic_dir(merged, kind="stage:merge") as tmp:  # as the merge stage writes it
+        (tmp / "tswitch").mkdir()
+        (tmp / "plots").mkdir()
+        (tmp / "a.safetensors").write_bytes(bytes(range(256)) * 4)
+        (tmp / "tswitch" / "b.json").write_text('{"x": 1}\n')
+    (src / "artifacts" / "sources.json").write_text('{"tasks": ["t0"]}\n')
     outs = [merged, src / "artifacts" / "sources.json"]
     hashes = tr.add_and_push(src, outs, tr.REMOTE)
     return remote, src, hashes, tr.empty_dirs(src, outs)
@@ -42,12 +49,16 @@ def test_pushed_outputs_come_back_whole(remote_and_source, tmp_path):
     assert dirs == ["artifacts/merged/plots"]
     dst = tmp_path / "dst"
     tr.prepare_worker(dst, str(remote), {}, {})
-    (dst / "artifacts" / "merged").mkdir(parents=True)
-    (dst / "artifacts" / "merged" / "stale.bin").write_bytes(b"old")  # an older output: replaced whole
+    with atomic_dir(dst / "artifacts" / "merged", kind="stage:merge") as tmp:  # an older output: replaced whole
+        (tmp / "stale.bin").write_bytes(b"old")
     tr.pull(dst, hashes, tr.REMOTE, "pulling", dirs)
     assert _tree(dst / "artifacts" / "merged") == _tree(src / "artifacts" / "merged")
     assert (dst / "artifacts" / "sources.json").read_bytes() == (src / "artifacts" / "sources.json").read_bytes()
-    assert not list((dst / "artifacts").glob(".*"))  # no scratch folder, no moved-aside old output
+    assert _dotfiles(dst / "artifacts") == [MARKER]  # no scratch folder, no moved-aside old output
+    (dst / "artifacts" / "merged" / "notes.txt").write_text("mine")
+    with pytest.raises(MergeflowError, match="notes.txt, which mergeflow did not write"):
+        tr.pull(dst, hashes, tr.REMOTE, "pulling", dirs)
+    assert (dst / "artifacts" / "merged" / "notes.txt").read_text() == "mine"
 
 
 def test_worker_copy_pulls_only_what_changed(remote_and_source, tmp_path):
@@ -77,7 +88,7 @@ def test_a_hash_the_remote_lacks_is_one_line(remote_and_source, tmp_path, monkey
         tr.pull(dst, {"artifacts/merged": "0" * 32 + ".dir"}, tr.REMOTE, "pulling the outputs of merge")
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("pulling the outputs of merge failed in ") and "dvc pull" in msg
-    assert not (dst / "artifacts" / "merged").exists() and not list((dst / "artifacts").glob(".*"))
+    assert not (dst / "artifacts" / "merged").exists() and _dotfiles(dst / "artifacts") == [MARKER]
 
 
 def test_remote_url_is_resolved_and_a_missing_remote_named(tmp_path):

@@ -290,7 +290,8 @@ def test_layout(zoo):
         torch.testing.assert_close(weight.norm(dim=-1), torch.ones(len(classes)))
     # only the zoo's own files, no temporary leftovers
     assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "data", "heads"]
-    assert not [p for p in root.rglob("*") if p.name.startswith(".")]
+    assert not [p for p in root.rglob("*") if p.name.startswith(".") and p.name != ".mergeflow-output"]
+    assert sorted(p.parent.name for p in root.rglob(".mergeflow-output")) == sorted(p.name for p in (root / "checkpoints").iterdir())
 
 
 def test_splits(zoo):
@@ -397,7 +398,7 @@ def test_deterministic(zoo, tmp_path):
     assert torch.equal(torch.get_rng_state(), rng)
     files = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
-    assert len(files) == 3 * 2 + 2 + 3 * 2  # checkpoints (base + 2), heads, data
+    assert len(files) == 3 * 3 + 2 + 3 * 2  # checkpoints (base + 2; config, weights, marker), heads, data
     for rel in files:  # every file byte for byte: checkpoints, heads, parquet splits, meta.json
         assert (root / rel).read_bytes() == (again / rel).read_bytes(), rel
 
