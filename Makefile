@@ -8,7 +8,7 @@ export DVC_NO_ANALYTICS := 1
 export OMP_WAIT_POLICY := PASSIVE  # 2 torch threads beside another busy process otherwise spin (measured 14x slower)
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: run test repro setup clean
+.PHONY: run test lint repro setup clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ run: setup  ## the whole pipeline on the built-in zoo, results table at the end
 
 test: setup  ## the test suite
 	$(BIN)/python -m pytest -q
+
+lint: setup  ## static checks (ruff), run by CI before the tests
+	$(BIN)/ruff check mergeflow tasks flows tests bench
 
 repro: setup  ## the same stages through DVC
 	$(BIN)/dvc repro

@@ -24,7 +24,7 @@ from mergeflow.codecs.switch import load_switch, save_switch
 from mergeflow.errors import MergeflowError
 from mergeflow.io import hub
 from mergeflow.io.atomic import atomic_dir, write_json
-from mergeflow.io.outputs import check_apart, check_replaceable, keep_tree
+from mergeflow.io.outputs import check_apart, check_replaceable, keep_tree, read_marker
 from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.merge import TaskVectors, merge_to_disk, resolve_device
 from mergeflow.methods import tswitch
@@ -85,9 +85,22 @@ class Layout:
         for folder in (self.artifacts, self.root / ".mergeflow"):
             if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
                 raise MergeflowError(f"{folder}: exists and is not a folder; mergeflow keeps its outputs there, move it away")
+        if self.artifacts.is_dir() and read_marker(self.artifacts) is None and self._restored():
+            keep_tree(self.artifacts)
         for stage in stages:
             for out in self.outs(stage):
                 check_replaceable(out, is_dir=out != self.sources, kind=None if out == self.sources else f"stage:{stage}")
+
+    def _restored(self) -> bool:
+        """Whether ``artifacts/`` lacks only its tree marker: DVC restores the stage outputs of a
+        clone (``dvc pull``/``checkout``), each with its own marker, but not the folder's marker.
+        True when every entry is a marked mergeflow output, ``sources.json`` or DVC's ``.gitignore``."""
+        for entry in self.artifacts.iterdir():
+            if entry.name in (self.sources.name, ".gitignore") and entry.is_file() and not entry.is_symlink():
+                continue
+            if not (entry.is_dir() and not entry.is_symlink() and read_marker(entry) is not None):
+                return False
+        return any(self.artifacts.iterdir())
 
     def outs(self, stage: str) -> list[Path]:
         return {

@@ -565,3 +565,35 @@ def test_tensor_names_are_never_paths(world, capsys):
     got = Checkpoint(world.p("po")).state_dict()
     for n in names:
         torch.testing.assert_close(got[n], b[n] + 0.5)
+
+
+def test_a_previous_output_of_the_same_kind_is_replaced(world, capsys):
+    """Rerunning a command onto its own earlier output replaces it whole (the default), for every writer."""
+    from mergeflow.io.checkpoint import Checkpoint
+
+    b, m0, m1 = (Checkpoint(p).state_dict() for p in (world.base, world.m0, world.m1))
+    assert run_app(app, [*MERGE, "--base", str(world.base), "--out", str(world.merged), "--set", "scaling=0.25",
+                         str(world.m1)]) == 0
+    got = Checkpoint(world.merged).state_dict()
+    for k, want in _ta(b, [m1], 0.25).items():
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
+    # a static merge's folder becomes a dynamic one's, and back: both are checkpoint outputs
+    assert run_app(app, ["merge", "--method", "tswitch", "--base", str(world.base), "--out", str(world.merged),
+                         str(world.m0), str(world.m1)]) == 0
+    assert sorted(p.name for p in world.merged.iterdir()) == [".mergeflow-output", "task_0", "task_1"]
+    old = world.switch.read_bytes()
+    assert run_app(app, ["compress", "--base", str(world.base), "--model", str(world.m1), "--out", str(world.switch)]) == 0
+    assert world.switch.read_bytes() != old
+    rebuilt = world.p("rebuilt")
+    for _ in range(2):
+        assert run_app(app, ["switch", "apply", "--base", str(world.base), "--switch", str(world.switch),
+                             "--out", str(rebuilt)]) == 0
+    assert not [p for p in world.root.rglob("*") if p.name.endswith((".tmp", ".old"))]
+    assert capsys.readouterr().err.count("error") == 0
+
+
+def test_an_empty_folder_may_receive_an_output(world, capsys):
+    out = world.p("empty_out")
+    out.mkdir()
+    assert run_app(app, [*MERGE, "--base", str(world.base), "--out", str(out), str(world.m0)]) == 0, capsys.readouterr().err
+    assert (out / "model.safetensors").is_file() and (out / ".mergeflow-output").is_file()

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from mergeflow.errors import MergeflowError
-from tests.hfcache import add_folder, pipeline_workspace, reported_rows, sh
+from tests.hfcache import add_folder, pipeline_workspace, reported_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "presets" / "causal-lm.yaml"

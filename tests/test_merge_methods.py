@@ -148,7 +148,8 @@ def ref_tswitch(tau, drop):
         v = tau * sign
         pos = v > 0
         keep = int(int(pos.sum()) * (1 - drop))
-        if keep <= 0:
+        if keep <= 0:  # too few to prune: kept whole (METHODS.md)
+            b[pos] = sign
             continue
         thr = v[pos].sort(descending=True).values[keep - 1]
         b[pos & (v >= thr)] = sign
@@ -759,10 +760,12 @@ def test_tswitch_hand():
 
 
 def test_tswitch_threshold_ties_kept_and_per_task():
-    # positives [2,2,1]: keep int(1.5) = 1 -> threshold 2, both 2s kept; negative [-3]: int(.5) = 0 -> none
+    # positives [2,2,1]: keep int(1.5) = 1 -> threshold 2, both 2s kept; negative [-3]: int(.5) = 0 -> too few
+    # to prune, kept whole; s = sqrt((4 + 4 + 9) / 3)
     base = {"w": torch.zeros(4)}
     out = run("tswitch", base, models_from(base, [{"w": t(2, 2, 1, -3)}, {"w": t(-1, -1, -1, -1)}]), drop=0.5)
-    assert out[0]["w"].tolist() == [2.0, 2.0, 0.0, 0.0]
+    s = math.sqrt(17 / 3)
+    assert out[0]["w"].tolist() == pytest.approx([s, s, 0.0, -s], abs=1e-6)
     # task 2: 4 negatives keep 2 -> threshold 1 ties -> all 4 kept, s = 1
     assert out[1]["w"].tolist() == [-1.0, -1.0, -1.0, -1.0]
 

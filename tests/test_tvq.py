@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 import mergeflow.methods.tvq as tvq_module  # registers tvq and rtvq
 from mergeflow import methods
-from mergeflow.codecs import quant
 from mergeflow.codecs.quant import (
     FORMAT_NAME,
     FORMAT_VERSION,

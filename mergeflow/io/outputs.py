@@ -144,7 +144,7 @@ def check_replaceable(path: str | os.PathLike, is_dir: bool, kind: str | None = 
     new output (a folder when ``is_dir``, else a file) of ``kind``."""
     path = Path(path)
     if path.is_symlink():
-        raise MergeflowError(f"{path}: is a symbolic link; mergeflow does not replace it (give another --out)")
+        raise MergeflowError(f"{path}: is a symbolic link; mergeflow does not replace it (write elsewhere)")
     if not path.exists():
         if any(p.exists() and not p.is_dir() for p in path.parents):
             parent = next(p for p in path.parents if p.exists() and not p.is_dir())
@@ -157,9 +157,9 @@ def check_replaceable(path: str | os.PathLike, is_dir: bool, kind: str | None = 
     if not is_dir:
         owner = file_owner(path)
         if owner is None:
-            raise MergeflowError(f"{path}: exists and was not written by mergeflow; it is left as it is (give another --out)")
+            raise MergeflowError(f"{path}: exists and was not written by mergeflow; it is left as it is (move it away or write elsewhere)")
         if kind is not None and owner.startswith("mergeflow.") and owner != kind:
-            raise MergeflowError(f"{path}: is a {owner} file, not a {kind} one; it is left as it is (give another --out)")
+            raise MergeflowError(f"{path}: is a {owner} file, not a {kind} one; it is left as it is (move it away or write elsewhere)")
         return
     marker = read_marker(path)
     present = _listing(path)
@@ -167,7 +167,7 @@ def check_replaceable(path: str | os.PathLike, is_dir: bool, kind: str | None = 
         if not present and not (path / MARKER).exists():
             return  # an empty folder: nothing to lose
         raise MergeflowError(f"{path}: exists and is not a mergeflow output (no {MARKER} marker); "
-                             f"it is left as it is (give another --out, or empty it)")
+                             f"it is left as it is (move it away, empty it, or write elsewhere)")
     if kind is not None and marker["kind"] not in (kind, TREE) and kind != TREE:
         raise MergeflowError(f"{path}: holds a mergeflow {marker['kind']} output, not a {kind} one; it is left as it is")
     if marker["kind"] == TREE:

@@ -1,5 +1,4 @@
 """Task Arithmetic (Ilharco et al., ICLR 2023): theta_0 + scaling * sum_t tau_t."""
-import torch
 
 from mergeflow import kernels
 from mergeflow.methods import Param, register

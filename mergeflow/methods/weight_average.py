@@ -1,5 +1,4 @@
 """Weight averaging: the mean of the fine-tuned weights, theta_0 + mean_t tau_t."""
-import torch
 
 from mergeflow import kernels
 from mergeflow.methods import register

@@ -167,9 +167,9 @@ def accuracy(model, head: torch.Tensor, logit_scale: float, pixel_values: torch.
 # --- the families ------------------------------------------------------------------------
 
 from dataclasses import dataclass  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
-from mergeflow.models.family import Family, Source, Sources  # noqa: E402
+from mergeflow.models.family import Family, Sources  # noqa: E402
 
 VISION_PREFIXES = ("vision_model.", "visual_projection.")
 
@@ -315,7 +315,7 @@ class ClipVision(_VisionFamily):
 
     @classmethod
     def prepare(cls, sources: Sources, out: Path, log) -> dict:
-        from mergeflow.io.checkpoint import Checkpoint, save_tensors
+        from mergeflow.io.checkpoint import Checkpoint
 
         base_dir = sources.base.path
         config = load_config(base_dir)
