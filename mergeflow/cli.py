@@ -225,7 +225,7 @@ def methods_cmd() -> None:
         if m.reference:
             typer.echo(f"    reference: {m.reference}")
         for key, p in m.params.items():
-            rng = (f" in [{p.low}, {p.high}]" if p.low is not None and p.high is not None else
+            rng = (f" in [{p.low}, {p.high}{')' if p.high_open else ']'}" if p.low is not None and p.high is not None else
                    f" >= {p.low}" if p.low is not None else f" <= {p.high}" if p.high is not None else "")
             typer.echo(f"    {key} = {p.default!r}{rng}: {p.help}")
 

@@ -119,7 +119,7 @@ class ExtractParams(_Section):
 
 class CompressParams(_Section):
     method: Literal["tswitch"] = "tswitch"
-    drop: float = Field(0.6, ge=0.0, le=1.0)
+    drop: float = Field(0.6, ge=0.0, lt=1.0)  # T-Switch's drop: [0, 1) (at 1 nothing could be pruned)
     encoding: Literal["auto", "bitmap", "ans"] = "auto"
     queries: int = Field(100, ge=1, description="Auto-Switch query samples per task (from the train split)")
 

@@ -125,3 +125,13 @@ def test_method_registry_entry_matches_ternarize():
     for tau, d in zip(taus, out):
         t, s = ternarize(tau, 0.6)
         assert torch.equal(d, t.float() * s)
+
+
+def test_drop_one_is_refused():
+    """At drop 1 every keep count is 0 and the too-few guard would keep everything: refused."""
+    from mergeflow import methods
+    from mergeflow.errors import MergeflowError
+
+    with pytest.raises(MergeflowError, match=r"drop: 1.0 is outside \[0.0, 1.0\)"):
+        methods.get("tswitch").hyper({"drop": 1.0})
+    assert methods.get("tswitch").hyper({"drop": 0.99})["drop"] == 0.99

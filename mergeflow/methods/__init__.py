@@ -59,6 +59,7 @@ class Param:
     high: float | None = None
     choices: tuple[Any, ...] | None = None
     kind: type | tuple[type, ...] | None = None  # allowed type(s) when not type(default); a list holds numbers
+    high_open: bool = False  # the range is [low, high): ``high`` itself is refused
 
     def check(self, value: Any, where: str) -> Any:
         """``value`` validated (ints widened to float where a float is expected), or a one-line error."""
@@ -80,8 +81,9 @@ class Param:
             raise MergeflowError(f"{where}: expected {kind.__name__}, got {value!r}")
         if self.choices is not None and value not in self.choices:
             raise MergeflowError(f"{where}: {value!r} is not one of {', '.join(map(str, self.choices))}")
-        if self.low is not None and value < self.low or self.high is not None and value > self.high:
-            raise MergeflowError(f"{where}: {value!r} is outside [{self.low}, {self.high}]")
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if self.low is not None and value < self.low or above:
+            raise MergeflowError(f"{where}: {value!r} is outside [{self.low}, {self.high}{')' if self.high_open else ']'}")
         return value
 
 

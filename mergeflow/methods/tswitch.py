@@ -18,7 +18,10 @@ from mergeflow.errors import MergeflowError
 from mergeflow.methods import Param, register
 from mergeflow.select import kth_largest
 
-DROP = Param(0.6, "share of each sign's non-zero entries dropped (0.6 ViT, 0.7 RoBERTa, 0.4 LoRA)", low=0.0, high=1.0)
+# [0, 1): at 1 every sign's keep count is 0, and a sign too few to prune is kept whole, so drop 1
+# would keep everything; it is refused instead.
+DROP = Param(0.6, "share of each sign's non-zero entries dropped (0.6 ViT, 0.7 RoBERTa, 0.4 LoRA)", low=0.0, high=1.0,
+             high_open=True)
 
 
 def ternarize(tau: torch.Tensor, drop: float) -> tuple[torch.Tensor, float]:
