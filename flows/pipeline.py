@@ -60,7 +60,7 @@ def pipeline(p: Params, root: str, track: bool = True) -> dict:
 
                 runs.append(run_on_pool(stage, p, root_path, code))
             else:
-                runs.append(run_stage_fanned(stage, p, root_path, code))
+                runs.append(run_stage_fanned(stage, p, root_path))
         if all(r["cached"] for r in runs):
             log.info("nothing changed upstream or in params: every stage skipped")
         metrics = json.loads((Layout(root_path).eval / "metrics.json").read_text())

@@ -109,7 +109,7 @@ def stage_flow(stage: str, params: dict, root: str, code: str, transfer: Optiona
             raise MergeflowError(f"workspace {root} not found on {host}: a worker of pool {p.run.gpu.pool!r} needs the "
                                  f"workspace at the same path (a shared filesystem), or run.gpu.transfer: dvc "
                                  f"(see docs/team.md)")
-        result = run_stage(stage, p, root_path, code)
+        result = run_stage(stage, p, root_path)
         result = {**result, "host": host, "pid": os.getpid()}
         write_json(record_path(root_path, stage), result)
     else:
@@ -124,7 +124,7 @@ def stage_flow(stage: str, params: dict, root: str, code: str, transfer: Optiona
             t0 = time.perf_counter()
             tr.prepare_worker(wroot, transfer["url"], transfer["inputs"], transfer["stamps"], transfer.get("dirs", []))
             log.info("%s: inputs in place in %s (%.1f s)", stage, wroot, time.perf_counter() - t0)
-            result = run_stage(stage, p, wroot, code)
+            result = run_stage(stage, p, wroot)
             t0 = time.perf_counter()
             outs = tr.add_and_push(wroot, Layout(wroot).outs(stage), tr.REMOTE)
             dirs = tr.empty_dirs(wroot, Layout(wroot).outs(stage))
@@ -187,7 +187,7 @@ def run_on_pool(stage: str, p: Params, root: Path, code: str) -> dict:
     log = _logger()
     pool, name = p.run.gpu.pool, deployment_name(p.run.gpu.pool)
     t0 = time.perf_counter()
-    if cache.is_fresh(p, root, stage, code):  # the pipeline's workspace tells: no worker needed
+    if cache.is_fresh(p, root, stage):  # the pipeline's workspace tells: no worker needed
         log.info("%s: cached (inputs and outputs unchanged), skipped without a run on pool %r", stage, pool)
         summary = (cache.read_stamp(root, stage) or {}).get("summary", {})
         return {"stage": stage, "cached": True, "seconds": time.perf_counter() - t0, "summary": summary}

@@ -13,6 +13,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,7 @@ from mergeflow.io.atomic import atomic_file
 FORMAT_NAME = "mergeflow.queryset"
 FORMAT_VERSION = 1
 MODES = ("batch", "sample", "hard")
+QUERIES_NAME = "queries.safetensors"  # the query set's file, beside the switches
 CHUNK_DISTANCES = 1 << 22  # input-to-query distances held at once by ``route`` (bounds memory)
 
 _TENSORS = {"embeddings": ("F32", torch.float32, "<f4"), "labels": ("I64", torch.int64, "<i8")}
@@ -300,3 +302,56 @@ def group_rows(weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]
     order = torch.argsort(rank[inverse], stable=True)  # rows grouped by first occurrence, ascending within
     sizes = torch.bincount(rank[inverse], minlength=n_groups).tolist()
     return [(weights[idx[0]], idx) for idx in torch.split(order, sizes)]
+
+
+# --- evaluation ---------------------------------------------------------------------
+
+def evaluate_autoswitch(folder: Path, tasks: list[str], meta: dict, fam, base_sd: dict[str, torch.Tensor],
+                        data: dict, seed: int) -> dict:
+    """Auto-Switch (its switches and query set in ``folder``) on shuffled mixed-task test batches, in every routing mode.
+
+    Each input is routed by the base model's features (the family's ``features``); in each batch
+    every distinct switch combination is applied once, in place, to one model
+    (``mergeflow.runtime``), and each input is scored with its own task's head and metric.
+    Returns {mode: ({task: score dict}, routing accuracy)}.
+    """
+    from mergeflow.codecs.switch import SWITCH_SUFFIX, load_switch
+    from mergeflow.runtime import SwitchRuntime
+
+    queries = QuerySet.load(folder / QUERIES_NAME)
+    if queries.tasks != tasks:
+        raise MergeflowError(f"{folder / QUERIES_NAME}: query set tasks {queries.tasks} differ from {tasks}")
+    switches = {t: load_switch(folder / f"{t}{SWITCH_SUFFIX}") for t in tasks}
+    model = fam.build({k: v.clone() for k, v in base_sd.items()})
+    runtime = SwitchRuntime(fam.tensors(model), switches, workers=1)  # small models: no thread hand-offs
+    task_of = torch.cat([torch.full((len(data[t]),), i) for i, t in enumerate(tasks)])
+    row_of = torch.cat([torch.arange(len(data[t])) for t in tasks])
+    order = torch.randperm(len(task_of), generator=torch.Generator().manual_seed(seed))
+    routed = route(queries, torch.cat([fam.features(model, data[t]) for t in tasks]), meta["k"])
+    results = {}
+    for mode in MODES:
+        outputs: dict[str, list] = {t: [] for t in tasks}
+        weights_all = torch.empty_like(routed)
+        try:
+            for start in range(0, len(order), meta["batch_size"]):
+                rows = order[start:start + meta["batch_size"]]
+                weights = combine(routed[rows], mode)
+                weights_all[rows] = weights
+                for w, idx in group_rows(weights):
+                    sel = rows[idx]
+                    runtime.switch({t: float(w[i]) for i, t in enumerate(tasks) if float(w[i]) != 0.0})  # one pass
+                    for i, t in enumerate(tasks):
+                        mine = row_of[sel[task_of[sel] == i]]
+                        if len(mine):
+                            outputs[t].append((mine, fam.predict(model, t, data[t], mine)))
+        finally:
+            runtime.remove()
+        scores = {}
+        for t in tasks:
+            rows_t = torch.cat([r for r, _ in outputs[t]])
+            outs = torch.cat([o for _, o in outputs[t]])
+            ordered = torch.empty_like(outs)
+            ordered[rows_t] = outs
+            scores[t] = fam.score(t, ordered, data[t])
+        results[mode] = (scores, routing_accuracy(weights_all, task_of))
+    return results

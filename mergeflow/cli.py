@@ -249,7 +249,7 @@ def stage_cmd(
         stages.preflight(p, Path.cwd(), [name])  # before the lock and any work
         say = lambda msg: typer.echo(msg, err=True)  # noqa: E731
         with workspace_lock(Path.cwd(), p.run.lock, p.run.lock_timeout, say):  # not beside a running `mergeflow run`
-            getattr(stages, name)(p, Path.cwd(), log=say)
+            stages.run(name, p, Path.cwd(), log=say)
 
     guarded(go)
 

@@ -1,6 +1,7 @@
-"""Stage caching by inputs: a stage is skipped when its fingerprint (its params, the library's
-code and the digests of its upstream stages' outputs) matches the stamp of its last run and
-its own outputs are still exactly as that run left them."""
+"""Stage caching by inputs: a stage is skipped when its fingerprint (its params, its own code and
+the digests of its upstream stages' outputs, all as mergeflow/stages/spec.py's table says, which
+dvc.yaml is generated from) matches the stamp of its last run and its own outputs are still
+exactly as that run left them."""
 from __future__ import annotations
 
 import hashlib
@@ -11,31 +12,15 @@ from pathlib import Path
 import mergeflow
 from mergeflow.io.atomic import write_json
 from mergeflow.params import Params
-from mergeflow.stages import Layout
-
-# What each stage reads: its params keys (as in dvc.yaml) and its upstream stages.
-STAGE_PARAMS = {
-    "download": ("seed", "download"),
-    "extract": ("extract",),
-    "compress": ("seed", "device", "extract", "compress"),
-    "merge": ("seed", "device", "extract", "merge"),
-    "evaluate": ("seed", "device", "extract", "merge", "evaluate"),
-}
-UPSTREAM = {
-    "download": (),
-    "extract": ("download",),
-    "compress": ("download", "extract"),
-    "merge": ("download", "extract", "compress"),
-    "evaluate": ("download", "compress", "merge"),
-}
-
+from mergeflow.stages import Layout, spec
 
 def stamp_path(root: Path, stage: str) -> Path:
     return root / ".mergeflow" / "stamps" / f"{stage}.json"
 
 
 def code_digest() -> str:
-    """Hash of the library's source: a code change invalidates every stage, as in dvc.yaml's deps."""
+    """Hash of the whole library's source: a GPU worker must run the same code as the pipeline.
+    (Staleness uses each stage's own code, ``spec.code_digest(stage)``, as dvc.yaml's deps do.)"""
     h = hashlib.sha256()
     pkg = Path(mergeflow.__file__).parent
     for f in sorted(pkg.rglob("*.py")):
@@ -99,19 +84,19 @@ def read_stamp(root: Path, stage: str) -> dict | None:
         return None
 
 
-def fingerprint(p: Params, root: Path, stage: str, code: str) -> str | None:
+def fingerprint(p: Params, root: Path, stage: str) -> str | None:
     """None when an upstream stage has no valid stamp (then this stage must run)."""
-    parts = {"stage": stage, "params": p.section(*STAGE_PARAMS[stage]), "code": code, "upstream": {}}
+    parts = {"stage": stage, "params": p.section(*spec.SPEC[stage].params), "code": spec.code_digest(stage), "upstream": {}}
     if stage == "download" and p.download.family is not None:
         # hub refs re-resolved (a branch may have moved), local folders re-hashed (cached by stat)
         from mergeflow.errors import MergeflowError
-        from mergeflow.stages import upstream_state
+        from mergeflow.stages.download import upstream_state
 
         try:
             parts["sources_now"] = upstream_state(p, lambda path: outs_digest([path], root))
         except MergeflowError:
             return None  # cannot tell: run the stage (it fails with the reason, if there is one)
-    for up in UPSTREAM[stage]:
+    for up in spec.upstream(stage):
         stamp = read_stamp(root, up)
         if stamp is None:
             return None
@@ -119,14 +104,14 @@ def fingerprint(p: Params, root: Path, stage: str, code: str) -> str | None:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def is_fresh(p: Params, root: Path, stage: str, code: str) -> bool:
+def is_fresh(p: Params, root: Path, stage: str) -> bool:
     stamp = read_stamp(root, stage)
-    fp = fingerprint(p, root, stage, code)
+    fp = fingerprint(p, root, stage)
     return bool(stamp and fp and stamp["fingerprint"] == fp and stamp["outs"] == outs_digest(Layout(root).outs(stage), root))
 
 
-def write_stamp(p: Params, root: Path, stage: str, code: str, summary: dict) -> None:
-    fp = fingerprint(p, root, stage, code)
+def write_stamp(p: Params, root: Path, stage: str, summary: dict) -> None:
+    fp = fingerprint(p, root, stage)
     outs = outs_digest(Layout(root).outs(stage), root)
     write_json(stamp_path(root, stage), {"fingerprint": fp, "outs": outs, "summary": summary, "pid": os.getpid()})
 

@@ -168,7 +168,7 @@ def download(params: dict, root: Path) -> Path:
     from mergeflow import stages
     from mergeflow.params import validate
 
-    stages.download(validate(params), root)
+    stages.run("download", validate(params), root)
     return root / "artifacts"
 
 
@@ -305,7 +305,7 @@ def test_exemplar_statistics_carry_checkpoint_names(kind, request):
     from mergeflow.features import layer_input_stats
     from mergeflow.io.checkpoint import Checkpoint
     from mergeflow.models.causal import CausalLM
-    from mergeflow.stages import _checkpoint_names
+    from mergeflow.stages.merge import _checkpoint_names
 
     art = request.getfixturevalue(kind)
     fam = CausalLM(art)

@@ -139,7 +139,7 @@ def prepared(hub, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("prep")
     p = validate(swapped_preset())
-    stages.download(p, root)
+    stages.run("download", p, root)
     return root, p
 
 
@@ -264,14 +264,14 @@ def test_offline_missing_entry_names_repo_and_revision(hub, tmp_path):
     params = swapped_preset()
     params["download"]["tasks"]["eurosat"]["model"] = "hf://tanganke/clip-tiny_eurosat@v2"
     with pytest.raises(MergeflowError) as exc:
-        stages.download(validate(params), tmp_path)
+        stages.run("download", validate(params), tmp_path)
     msg = str(exc.value)
     assert "\n" not in msg and "tanganke/clip-tiny_eurosat" in msg and "v2" in msg
     assert not (tmp_path / "artifacts/checkpoints").exists()  # nothing half-written
     params = swapped_preset()
     params["download"]["tasks"]["mnist"]["dataset"] = "hf://datasets/tanganke/nowhere"
     with pytest.raises(MergeflowError) as exc:
-        stages.download(validate(params), tmp_path)
+        stages.run("download", validate(params), tmp_path)
     assert "\n" not in str(exc.value) and "datasets/tanganke/nowhere@main" in str(exc.value)
 
 
@@ -282,11 +282,11 @@ def test_bad_sources_are_one_line(hub, tmp_path):
     params = swapped_preset(tasks=("mnist",))
     params["download"]["tasks"]["mnist"]["model"] = "hf://datasets/tanganke/tiny-mnist"
     with pytest.raises(MergeflowError, match=r"download\.tasks\.mnist\.model: .* is a dataset ref"):
-        stages.download(validate(params), tmp_path)
+        stages.run("download", validate(params), tmp_path)
     params = swapped_preset(tasks=("mnist",))
     params["download"]["tasks"]["mnist"]["label_column"] = "digit"
     with pytest.raises(MergeflowError, match=r"tiny-mnist.*no column 'digit'"):
-        stages.download(validate(params), tmp_path)
+        stages.run("download", validate(params), tmp_path)
     params = swapped_preset(tasks=("mnist",))
     params["download"]["tasks"]["mnist"]["colour"] = "red"
     with pytest.raises(MergeflowError, match=r"download\.tasks\.mnist\.colour: unknown task option"):
@@ -301,9 +301,11 @@ def test_local_folders_work_the_same(hub, tmp_path):
     params = swapped_preset(tasks=("eurosat",))
     params["download"]["base"] = str(hub["work"] / "base")
     params["download"]["tasks"]["eurosat"] |= {"model": str(hub["work"] / "eurosat"), "dataset": str(hub["work"] / "ds_eurosat")}
-    stages.download(validate(params), tmp_path)
+    stages.run("download", validate(params), tmp_path)
     sources = json.loads((tmp_path / "artifacts/sources.json").read_text())
-    assert sources["base"]["sha256"] == stages.fingerprint(hub["work"] / "base")
+    from mergeflow.stages.download import fingerprint
+
+    assert sources["base"]["sha256"] == fingerprint(hub["work"] / "base")
     assert len(sources["refs"]["eurosat"]["dataset"]["sha256"]) == 64
     assert (tmp_path / "artifacts/heads/eurosat.safetensors").exists()
 

@@ -195,7 +195,7 @@ def prepared(hub, tmp_path_factory):
     from mergeflow.params import validate
 
     root = tmp_path_factory.mktemp("prep")
-    stages.download(validate(swapped_preset()), root)
+    stages.run("download", validate(swapped_preset()), root)
     return root
 
 

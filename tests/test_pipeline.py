@@ -17,8 +17,8 @@ SMALL_ZOO = {"n_tasks": 2, "max_samples": 500, "hidden_size": 32, "num_layers": 
              "pretrain_epochs": 4, "finetune_epochs": 3}
 
 
-def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+def sh(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env_extra or {}))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
@@ -149,6 +149,23 @@ def test_second_run_is_cached(workspace, first_run):
     assert parents[-1].data.tags["mergeflow.cached_stages"] == "none"
 
 
+def test_editing_the_merge_stage_reruns_merge_alone(workspace, first_run):
+    """A comment edited in the module of the merge stage: `dvc status` lists merge alone, and
+    `mergeflow run` (running the workspace's copy of the code) reruns merge and nothing else:
+    its outputs come out the same, so evaluate stays cached too."""
+    module = workspace / "mergeflow" / "stages" / "merge.py"
+    original = module.read_text()
+    try:
+        module.write_text(original + "# a comment only\n")
+        status = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], workspace).stdout)
+        assert set(status) == {"merge"}, status
+        out = sh([sys.executable, "-c", "from flows.cli import main; main()", "run", "--params", "params.yaml"], workspace,
+                 env_extra={"PYTHONPATH": str(workspace)}).stdout
+        assert "stages cached: download, extract, compress, evaluate;" in out, out[-2000:]
+    finally:
+        module.write_text(original)
+
+
 def test_selective_repro_and_exp_run(workspace, first_run):
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["merge"]["task_arithmetic"]["scaling"] = 0.5
@@ -166,3 +183,4 @@ def test_selective_repro_and_exp_run(workspace, first_run):
     assert ran == {"compress", "merge", "evaluate"}, out
     metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
     assert metrics["switches"]["drop"] == 0.8
+

@@ -36,6 +36,7 @@ from mergeflow.codecs._container import fail as _fail, open_index, read as _read
 
 FORMAT_NAME = "mergeflow.switch"
 FORMAT_VERSION = 1
+SWITCH_SUFFIX = ".switch.safetensors"  # how the pipeline names a task's switch file
 ENCODINGS = ("bitmap", "ans")
 Encoding = Literal["auto", "bitmap", "ans"]
 

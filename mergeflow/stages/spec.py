@@ -1,0 +1,151 @@
+"""The one table of what each stage reads, runs and writes; dvc.yaml is generated from it.
+
+A stage's **code** is its module and every mergeflow module it imports, transitively: import
+statements anywhere in a module (also inside functions), and module names written as strings
+(the families' and methods' tables, loaded with importlib). The stage modules themselves are
+loaded by name (``mergeflow.stages.units``), so one stage's code never includes another's.
+``mergeflow run`` (tasks/cache.py) and ``dvc repro`` (dvc.yaml's ``deps``) both use this table,
+so they agree on what is stale. ``python -m mergeflow.stages.spec`` rewrites dvc.yaml.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeflow.stages.layout import STAGES, Layout
+
+PACKAGE = Path(__file__).resolve().parents[1]  # the mergeflow package folder
+_MODULE_STRING = re.compile(r"(mergeflow(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(?::[A-Za-z_][A-Za-z0-9_]*)?")  # "pkg.mod[:attr]"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    params: tuple[str, ...]  # the params.yaml sections it reads
+    reads: tuple[str, ...]  # the Layout outputs it reads (attribute names)
+
+
+SPEC: dict[str, StageSpec] = {
+    "download": StageSpec(("seed", "download"), ()),
+    "extract": StageSpec(("extract",), ("checkpoints", "sources")),
+    "compress": StageSpec(("seed", "device", "extract", "compress"), ("vectors", "checkpoints", "heads", "data", "sources")),
+    "merge": StageSpec(("seed", "device", "extract", "merge"),
+                       ("checkpoints", "heads", "data", "vectors", "switches", "sources")),
+    "evaluate": StageSpec(("seed", "device", "extract", "merge", "evaluate"),
+                          ("checkpoints", "heads", "data", "switches", "merged", "sources")),
+}
+assert tuple(SPEC) == STAGES
+
+
+def reads(stage: str, lay: Layout) -> list[Path]:
+    return [getattr(lay, name) for name in SPEC[stage].reads]
+
+
+def upstream(stage: str) -> list[str]:
+    """The stages whose outputs ``stage`` reads, in pipeline order."""
+    lay = Layout(Path("."))
+    mine = set(reads(stage, lay))
+    return [s for s in STAGES if mine & set(lay.outs(s))]
+
+
+# --- code ---------------------------------------------------------------------------------
+
+def _file(module: str) -> Path | None:
+    rel = Path(*module.split(".")[1:])
+    for f in (PACKAGE / rel / "__init__.py", (PACKAGE / rel).with_suffix(".py")):
+        if f.is_file() and rel.parts:
+            return f
+    return PACKAGE / "__init__.py" if module == "mergeflow" else None
+
+
+def _imported(path: Path, module: str) -> set[str]:
+    """The mergeflow modules ``path`` (module ``module``) names in imports or as strings."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (m := _MODULE_STRING.fullmatch(node.value)):
+            found.add(m.group(1))
+    return {m for m in found if m.split(".")[0] == "mergeflow" and _file(m) is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def code_files(stage: str) -> tuple[Path, ...]:
+    """Every library file the stage runs (its module, what it imports, and their packages)."""
+    todo, seen = [f"mergeflow.stages.{stage}"], set()
+    while todo:
+        module = todo.pop()
+        parts = module.split(".")
+        for i in range(1, len(parts) + 1):  # a module's packages run first
+            name = ".".join(parts[:i])
+            if name in seen or _file(name) is None:
+                continue
+            seen.add(name)
+            todo.extend(_imported(_file(name), name) - seen)
+    return tuple(sorted({_file(m) for m in seen}))
+
+
+def code_digest(stage: str) -> str:
+    """Hash of the stage's code files (relative path and content): what staleness compares."""
+    h = hashlib.sha256()
+    for f in code_files(stage):
+        h.update(f.relative_to(PACKAGE.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+# --- dvc.yaml --------------------------------------------------------------------------------
+
+_EVALUATE_EXTRA = """    metrics:
+      - artifacts/eval/metrics.json:
+          cache: false
+    plots:
+      - artifacts/eval/per_task.csv:
+          cache: false
+          template: bar_horizontal
+          x: acc
+          y: task
+      - artifacts/eval/plots:
+          cache: false
+"""
+
+
+def dvc_yaml() -> str:
+    """dvc.yaml as this table says: each stage's data and code deps, params and outs."""
+    lay = Layout(Path("."))
+
+    def rel(p: Path) -> str:
+        return p.as_posix()
+
+    lines = ["# Generated from mergeflow/stages/spec.py (python -m mergeflow.stages.spec): edit the table there.",
+             "# The same stages the Prefect flow runs (`mergeflow run`); `dvc repro` reruns only what changed.",
+             "stages:"]
+    for stage in STAGES:
+        lines += [f"  {stage}:", f"    cmd: mergeflow stage {stage}", "    deps:"]
+        lines += [f"      - {rel(p)}" for p in reads(stage, lay)]
+        lines += [f"      - {f.relative_to(PACKAGE.parent).as_posix()}" for f in code_files(stage)]
+        lines += ["    params:"] + [f"      - {k}" for k in SPEC[stage].params]
+        if stage == "evaluate":  # artifacts/eval: its metrics and plots, kept in git rather than the DVC cache
+            lines.append(_EVALUATE_EXTRA.rstrip("\n"))
+        else:
+            lines += ["    outs:"] + [f"      - {rel(p)}" for p in lay.outs(stage)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from mergeflow.io.atomic import atomic_file
+
+    with atomic_file(Path("dvc.yaml"), user_file=True) as tmp:  # the project's file, regenerated as asked
+        tmp.write_text(dvc_yaml())
+    print(f"wrote dvc.yaml ({len(STAGES)} stages)")
