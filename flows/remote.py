@@ -34,6 +34,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 
 from mergeflow.errors import MergeflowError  # noqa: E402
 from mergeflow.params import Params, validate  # noqa: E402
+from mergeflow.stages import spec  # noqa: E402
 
 STAGE_FLOW = "mergeflow-stage"
 ENTRYPOINT = "flows/remote.py:stage_flow"  # relative to the repository root (the deployment's source)
@@ -202,7 +203,7 @@ def run_on_pool(stage: str, p: Params, root: Path, code: str) -> dict:
         t1 = time.perf_counter()
         remote_url = tr.remote_url(root, p.run.dvc_remote)
         inputs = tr.push_inputs(root, stage, p.run.dvc_remote)
-        stamps = {up: cache.read_stamp(root, up) for up in cache.UPSTREAM[stage]}
+        stamps = {up: cache.read_stamp(root, up) for up in spec.upstream(stage)}
         dirs = tr.empty_dirs(root, [root / rel for rel in inputs])
         transfer = {"url": remote_url, "inputs": inputs, "dirs": dirs, "stamps": stamps, "origin": tr.origin(root)}
         log.info("%s: inputs (%s) pushed to DVC remote %r in %.1f s", stage, ", ".join(inputs), p.run.dvc_remote,

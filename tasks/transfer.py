@@ -27,7 +27,7 @@ import yaml
 from mergeflow.errors import MergeflowError
 from mergeflow.io.atomic import replace_whole, write_json
 from mergeflow.io.outputs import keep_tree
-from mergeflow.stages import Layout
+from mergeflow.stages import Layout, spec
 from tasks import cache, version
 
 REMOTE = "mergeflow"  # the remote's name inside a worker's repository
@@ -63,7 +63,7 @@ def empty_dirs(root: Path, paths: list[Path]) -> list[str]:
 
 def push_inputs(root: Path, stage: str, remote: str) -> dict[str, str]:
     """Commit and push the outputs of ``stage``'s upstream stages; returns ``{relative path: DVC hash}``."""
-    ups = list(cache.UPSTREAM[stage])
+    ups = spec.upstream(stage)
     if not version.is_dvc_repo(root):
         raise MergeflowError(f"run.gpu.transfer: dvc needs the workspace {root} to be a DVC repository with dvc.yaml "
                              f"(git init && dvc init)")

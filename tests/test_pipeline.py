@@ -48,6 +48,15 @@ def workspace(tmp_path_factory):
     return ws
 
 
+def _tree_digest(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def reported(methods: list[str]) -> list[str]:
     """The rows metrics.json has for the listed methods: Auto-Switch has one per routing mode."""
     return [r for m in methods for r in ([f"autoswitch_{mode}" for mode in ("batch", "sample", "hard")] if m == "autoswitch" else [m])]
@@ -151,17 +160,21 @@ def test_second_run_is_cached(workspace, first_run):
 
 def test_editing_the_merge_stage_reruns_merge_alone(workspace, first_run):
     """A comment edited in the module of the merge stage: `dvc status` lists merge alone, and
-    `mergeflow run` (running the workspace's copy of the code) reruns merge and nothing else:
-    its outputs come out the same, so evaluate stays cached too."""
+    `mergeflow run` (running the workspace's copy of the code) reruns merge, not the stages before it."""
     module = workspace / "mergeflow" / "stages" / "merge.py"
     original = module.read_text()
     try:
         module.write_text(original + "# a comment only\n")
         status = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], workspace).stdout)
         assert set(status) == {"merge"}, status
+        merged_before = _tree_digest(workspace / "artifacts/merged")
         out = sh([sys.executable, "-c", "from flows.cli import main; main()", "run", "--params", "params.yaml"], workspace,
                  env_extra={"PYTHONPATH": str(workspace)}).stdout
-        assert "stages cached: download, extract, compress, evaluate;" in out, out[-2000:]
+        cached = out.rsplit("stages cached: ", 1)[1].split(";")[0].split(", ")
+        # evaluate reruns exactly when merge's outputs changed (SVD merges may differ in the last bit
+        # between processes with other thread counts), as DVC would decide
+        same = _tree_digest(workspace / "artifacts/merged") == merged_before
+        assert cached == ["download", "extract", "compress"] + (["evaluate"] if same else []), out[-2000:]
     finally:
         module.write_text(original)
 
