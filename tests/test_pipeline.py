@@ -161,15 +161,20 @@ def test_second_run_is_cached(workspace, first_run):
 def test_editing_the_merge_stage_reruns_merge_alone(workspace, first_run):
     """A comment edited in the module of the merge stage: `dvc status` lists merge alone, and
     `mergeflow run` (running the workspace's copy of the code) reruns merge, not the stages before it."""
+    from prefect.settings import PREFECT_API_URL
+
     module = workspace / "mergeflow" / "stages" / "merge.py"
     original = module.read_text()
+    env = {"PYTHONPATH": str(workspace)}
+    if url := PREFECT_API_URL.value():
+        env["PREFECT_API_URL"] = url  # the session's server, not a temporary one of its own
     try:
         module.write_text(original + "# a comment only\n")
         status = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], workspace).stdout)
         assert set(status) == {"merge"}, status
         merged_before = _tree_digest(workspace / "artifacts/merged")
         out = sh([sys.executable, "-c", "from flows.cli import main; main()", "run", "--params", "params.yaml"], workspace,
-                 env_extra={"PYTHONPATH": str(workspace)}).stdout
+                 env_extra=env).stdout
         cached = out.rsplit("stages cached: ", 1)[1].split(";")[0].split(", ")
         # evaluate reruns exactly when merge's outputs changed (SVD merges may differ in the last bit
         # between processes with other thread counts), as DVC would decide
