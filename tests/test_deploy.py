@@ -305,14 +305,16 @@ def test_serve_registers_the_schedule_and_pauses_it_on_shutdown(ws, api_url, dep
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    proc = subprocess.Popen([str(BIN / "mergeflow"), "serve", "--params", str(ws / "params.yaml"), "--cron", "30 1 * * *",
-                             "--name", "served"], env=_env(api_url), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    log = ws.parent / "serve.log"  # a file, not a pipe nobody reads (a full pipe would block the process)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "mergeflow"), "serve", "--params", str(ws / "params.yaml"), "--cron", "30 1 * * *",
+                                 "--name", "served"], env=_env(api_url), stdout=out, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
     try:
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 60
             while True:
-                assert proc.poll() is None, proc.stdout.read()
+                assert proc.poll() is None, log.read_text()
                 try:
                     served = client.read_deployment_by_name("mergeflow-run/served")
                     if served.schedules:
@@ -324,9 +326,15 @@ def test_serve_registers_the_schedule_and_pauses_it_on_shutdown(ws, api_url, dep
             assert [(s.schedule.cron, s.active) for s in served.schedules] == [("30 1 * * *", True)]
             assert served.work_pool_name is None  # served from the process, no pool
             assert served.parameters == {"params": str((ws / "params.yaml").resolve())}
-            time.sleep(1.0)  # let the runner reach its polling loop
+            while "is being served" not in log.read_text():  # the runner's polling loop has started
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+                time.sleep(0.2)
+            time.sleep(1.0)
             os.killpg(proc.pid, signal.SIGINT)
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"mergeflow serve did not stop within 60 s of SIGINT:\n{log.read_text()[-3000:]}") from None
             served = client.read_deployment_by_name("mergeflow-run/served")
             assert served.paused or not any(s.active for s in served.schedules)
     finally:
