@@ -309,7 +309,9 @@ def test_serve_registers_the_schedule_and_pauses_it_on_shutdown(ws, api_url, dep
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "mergeflow"), "serve", "--params", str(ws / "params.yaml"), "--cron", "30 1 * * *",
                                  "--name", "served"], env=_env(api_url), stdout=out, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True,
+                                # a shell's background job ignores SIGINT, and a child would inherit that
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 60
