@@ -292,7 +292,7 @@ def test_bad_files_fail_loudly(tmp_path):
         load_tvq(tmp_path / "newer")
     # the index is what its checksum says
     index = json.loads(zlib.decompress(stored["index"].numpy().tobytes()))
-    assert index["kind"] == "tvq" and index["tensors"][0] == {"part": "task", "name": "w", "shape": [40], "bits": 4, "bytes": 20}
+    assert index["kind"] == "per_task" and index["tensors"][0] == {"part": "task", "name": "w", "shape": [40], "bits": 4, "bytes": 20}
 
 
 def test_save_refuses_bad_input_before_writing(tmp_path):
