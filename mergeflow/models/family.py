@@ -6,18 +6,9 @@ stage) and evaluates task models built from the mergeable tensors (``build`` / `
 :mod:`mergeflow.stages` stay family-agnostic: they only ever see checkpoints of *mergeable*
 tensors, so extract, compress and merge work the same for every family.
 
-Artifacts a family writes in ``prepare`` (``out`` is the artifacts folder being built):
-
-* ``out/checkpoints/base/`` and ``out/checkpoints/<task>/`` — Hugging Face layout (config.json,
-  ``model.safetensors`` or shards + index), holding only the tensors merging may touch. What
-  stays per task and is never merged or binarised (classification heads, zero-shot heads)
-  goes to ``out/heads/``; a frozen backbone that is not merged (LoRA) to ``out/checkpoints/_frozen/``.
-  The base folder also carries what the family needs to rebuild its model (processor or
-  tokenizer files).
-* ``out/data/<task>/`` — what evaluation (split ``test``) and the Auto-Switch query set (split
-  ``train``) read, in a form the family's ``load_data`` reads back.
-
-Families are registered by name in :data:`FAMILIES` (``mergeflow.models.families()``).
+What ``prepare`` writes (``checkpoints/``, ``heads/``, ``data/``) is described in
+docs/family-artifacts.md. Families are registered by name in :data:`mergeflow.models.FAMILIES`
+(looked up with :func:`mergeflow.models.get_family`).
 """
 from __future__ import annotations
 
