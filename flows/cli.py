@@ -42,7 +42,7 @@ def print_table(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mergeflow.evaluate import table
+    from mergeflow.metrics import table
 
     names = sorted(set((metrics.get("task_metrics") or {}).values())) or ["accuracy"]
     what = ", ".join("1/perplexity" if n == "perplexity" else n for n in names)

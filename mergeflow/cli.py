@@ -113,8 +113,9 @@ def merge_cmd(
         out_dtype = sets.pop("out_dtype", None)
         if out_dtype is not None and out_dtype not in DTYPES:
             raise MergeflowError(f"--set out_dtype={out_dtype}: not one of {', '.join(DTYPES)}")
-        if store not in ("checkpoints", "switches") or (store == "switches" and method != "tswitch"):
-            raise MergeflowError(f"--set store={store}: only tswitch has a compact switch store")
+        compact = [n for n in methods.names() if methods.get(n).compact is not None]
+        if store not in ("checkpoints", "switches") or (store == "switches" and m.compact is None):
+            raise MergeflowError(f"--set store={store}: only {', '.join(compact)} has a compact switch store")
         hp = m.hyper(sets, where="--set ")
         dev = resolve_device(device)
         base_path, model_paths = resolve_ref(base), [resolve_ref(r) for r in models]
@@ -123,7 +124,9 @@ def merge_cmd(
         base_ckpt = Checkpoint(base_path)
         sources = [TaskVectors.from_model(base_ckpt, p) for p in model_paths]
         if store == "switches":
-            return _write_switches(base_ckpt, sources, hp["drop"], out)
+            m.compact(base_ckpt, sources, hp, out, typer.echo)
+            typer.echo(f"wrote {out}")
+            return
         from mergeflow._alloc import reuse_freed_memory
 
         reuse_freed_memory()
@@ -135,21 +138,6 @@ def merge_cmd(
         typer.echo(f"wrote {out}")
 
     guarded(go)
-
-
-def _write_switches(base_ckpt, sources, drop: float, out: Path) -> None:
-    from mergeflow.codecs.switch import save_switch
-    from mergeflow.io.atomic import atomic_dir
-    from mergeflow.methods.tswitch import compress
-
-    from mergeflow.vectors import iter_task_vector
-
-    with atomic_dir(out) as tmp:
-        for i, src in enumerate(sources):
-            sw = compress(iter_task_vector(base_ckpt, src.ref), drop, metadata={"model": str(src.ref.path)})
-            st = save_switch(tmp / f"task_{i}.switch.safetensors", sw)
-            typer.echo(f"task_{i}: {st.bits_per_param:.3f} bits/param, {st.file_bytes:,} bytes")
-    typer.echo(f"wrote {out}")
 
 
 @app.command("compress")
@@ -174,7 +162,7 @@ def compress_cmd(
         encoding = sets.pop("encoding", "auto")
         if encoding not in ("auto", "bitmap", "ans"):
             raise MergeflowError(f"--set encoding={encoding}: not one of auto, bitmap, ans")
-        hp = methods.get("tswitch").hyper(sets, where="--set ")
+        hp = methods.get(tswitch.NAME).hyper(sets, where="--set ")
         base_path, model_path = resolve_ref(base), resolve_ref(model)
         claim(out, is_dir=False, kind=FORMAT_NAME, inputs=[base_path, model_path])
         check_models(base_path, [model_path], [model])
@@ -221,13 +209,16 @@ def methods_cmd() -> None:
     for name in methods.names():
         m = methods.get(name)
         needs = f", needs {m.needs.replace('_', '-')} of task exemplars (pipeline only)" if m.needs else ""
-        typer.echo(f"{name}  [{'dynamic' if m.dynamic else 'static'}{needs}]  {m.summary}")
+        flags = "".join(f", {flag}" for flag, on in (("transductive", m.transductive), ("trains", m.trains)) if on)
+        typer.echo(f"{name}  [{m.kind}{needs}{flags}]  {m.summary}")
         if m.reference:
             typer.echo(f"    reference: {m.reference}")
         for key, p in m.params.items():
             rng = (f" in [{p.low}, {p.high}{')' if p.high_open else ']'}" if p.low is not None and p.high is not None else
                    f" >= {p.low}" if p.low is not None else f" <= {p.high}" if p.high is not None else "")
-            typer.echo(f"    {key} = {p.default!r}{rng}: {p.help}")
+            also = f" (also {', '.join(p.aliases)})" if p.aliases else ""
+            source = f" (pipeline: {m.set_by[key]})" if key in m.set_by else ""
+            typer.echo(f"    {key}{also} = {p.default!r}{rng}: {p.help}{source}")
 
 
 @app.command("stage")

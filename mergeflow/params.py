@@ -118,10 +118,22 @@ class ExtractParams(_Section):
 
 
 class CompressParams(_Section):
-    method: Literal["tswitch"] = "tswitch"
+    method: str = Field("tswitch", description="a method with a compact per-task form (a codec)")
     drop: float = Field(0.6, ge=0.0, lt=1.0)  # T-Switch's drop: [0, 1) (at 1 nothing could be pruned)
     encoding: Literal["auto", "bitmap", "ans"] = "auto"
     queries: int = Field(100, ge=1, description="Auto-Switch query samples per task (from the train split)")
+
+    @field_validator("method")
+    @classmethod
+    def _codec(cls, name: str) -> str:
+        try:
+            method = methods.get(name)
+        except MergeflowError as exc:
+            raise ValueError(str(exc)) from None
+        if method.codec is None:
+            codecs = ", ".join(n for n in methods.names() if methods.get(n).codec is not None)
+            raise ValueError(f"{name} has no compact per-task form (methods with one: {codecs})")
+        return name
 
 
 class MergeParams(_Section):
@@ -146,8 +158,9 @@ class MergeParams(_Section):
                 raise ValueError(f"{name}: not a method section ({exc})") from None
             if not isinstance(options, dict):
                 raise ValueError(f"{name}: expected a mapping of hyper-parameters, got {options!r}")
-            if name in ("tswitch", "autoswitch") and "drop" in options:
-                raise ValueError(f"{name}.drop: the pipeline's switches come from the compress stage: set compress.drop")
+            for key, source in method.set_by.items():
+                if key in method.canonical(options):
+                    raise ValueError(f"{name}.{key}: the pipeline takes it from {source}: set {source}")
             try:
                 method.hyper(options, where=f"{name}.")
             except MergeflowError as exc:
@@ -212,6 +225,18 @@ class Params(_Section):
         """The named top-level keys as plain data (what a stage's fingerprint covers)."""
         data = self.model_dump(mode="json")
         return {k: data[k] for k in keys}
+
+    def hyper(self, name: str) -> dict[str, Any]:
+        """Method ``name``'s hyper-parameters in the pipeline: its ``merge`` section overlaid with
+        those another stage's params set (``Method.set_by``, e.g. T-Switch's drop from compress)."""
+        hp = self.merge.hyper(name)
+        data = self.model_dump(mode="json")
+        for key, path in methods.get(name).set_by.items():
+            value: Any = data
+            for part in path.split("."):
+                value = value[part]
+            hp[key] = value
+        return hp
 
     def digest(self, *keys: str) -> str:
         return hashlib.sha256(json.dumps(self.section(*keys), sort_keys=True).encode()).hexdigest()

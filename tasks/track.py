@@ -100,7 +100,7 @@ def _log_run(p: Params, root: Path, metrics: dict, stage_runs: list[dict], tags:
         for name, row in metrics["methods"].items():
             with mlflow.start_run(experiment_id=exp, run_name=name, nested=True, tags=run_tags | {"mergeflow.method": name}):
                 method = row.get("method", name)  # Auto-Switch reports one row per routing mode
-                hp = p.merge.hyper(method) | ({"drop": params["compress"]["drop"]} if method in ("tswitch", "autoswitch") else {})
+                hp = p.hyper(method)
                 mlflow.log_params({"method": method, **hp, **({"mode": row["mode"]} if "mode" in row else {})})
                 mlflow.log_metrics(_metrics(row) | ({"routing_acc": float(row["routing_acc"])} if "routing_acc" in row else {}))
         eval_dir = root / "artifacts" / "eval"

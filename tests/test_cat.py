@@ -220,7 +220,7 @@ def test_engine_needs_data_and_uses_it():
         m = tiny()
         m.load_state_dict(e)
         data.append(layer_input_stats(m, lambda m=m: m(torch.randn(16, 4))))
-    hp = {"c": 1, "lambda": 0.1}
+    hp = {"c": 1, "tradeoff": 0.1}
     (got,) = merge_state_dicts(cat, base, experts, hp, data=data)
     ctx = data
     for name in base:

@@ -185,7 +185,7 @@ def test_lines_hand_computed():
 
 
 @pytest.mark.parametrize("base_method,options", [("task_arithmetic", {}), ("ties", {"density": 0.4}),
-                                                 ("consensus", {"k": 2, "lambda": 0.3})])
+                                                 ("consensus", {"k": 2, "threshold": 0.3})])
 def test_lines_beta_zero_is_base_scaled_by_alpha(base_method, options):
     base = stack_model()
     fts = finetunes(base, 3)
@@ -197,7 +197,7 @@ def test_lines_beta_zero_is_base_scaled_by_alpha(base_method, options):
 
 @pytest.mark.parametrize("base_method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
                                                  ("ties", {"density": 0.3, "scope": "global"}),
-                                                 ("consensus", {"k": 2}), ("consensus", {"base": "ties", "k": 1})])
+                                                 ("consensus", {"k": 2}), ("consensus", {"merge": "ties", "k": 1})])
 def test_lines_is_base_times_layer_factor(base_method, options):
     base = stack_model()
     fts = finetunes(base, 4)
@@ -231,24 +231,24 @@ def test_lines_default_alpha_is_the_papers_rule(base_method, options):
 
 def test_lines_refuses_bad_options_naming_the_key():
     lines = methods.get("lines")
-    cases = [({"base": "ties", "options": {"densty": 0.2}}, r"^options\.densty: unknown hyper-parameter of ties"),
-             ({"base": "ties", "options": {"density": 2.0}}, r"^options\.density: "),
-             ({"base": "consensus", "options": {"k": "two"}}, r"^options\.k: "),
+    cases = [({"merge": "ties", "options": {"densty": 0.2}}, r"^options\.densty: unknown hyper-parameter of ties"),
+             ({"merge": "ties", "options": {"density": 2.0}}, r"^options\.density: "),
+             ({"merge": "consensus", "options": {"k": "two"}}, r"^options\.k: "),
              ({"options": {"scaling": 0.3}}, r"^options\.scaling: lines replaces"),
-             ({"base": "dare"}, r"^base: 'dare' is not one of"),
+             ({"merge": "dare"}, r"^merge: 'dare' is not one of"),
              ({"options": [1]}, r"^options: expected a mapping")]
     for hp, pattern in cases:
         with pytest.raises(MergeflowError, match=pattern):
             lines.hyper(hp)
     # the nested prefix follows the caller's
     with pytest.raises(MergeflowError, match=r"^merge\.options\.density: "):
-        lines.hyper({"base": "ties", "options": {"density": -1}}, where="merge.")
+        lines.hyper({"merge": "ties", "options": {"density": -1}}, where="merge.")
     # the engine refuses it too (hyper runs before prepare reads anything)
     base = stack_model()
 
     with pytest.raises(MergeflowError, match=r"options\.densty"):
-        merge_state_dicts(lines, base, [base], {"base": "ties", "options": {"densty": 0.2}})
-    checked = lines.hyper({"base": "ties", "options": {"density": 0.3}})
+        merge_state_dicts(lines, base, [base], {"merge": "ties", "options": {"densty": 0.2}})
+    checked = lines.hyper({"merge": "ties", "options": {"density": 0.3}})
     assert checked["options"] == {"density": 0.3, "scope": "tensor"}  # filled, the base's scaling left out
     assert lines.hyper(checked) == checked  # idempotent
 
@@ -388,8 +388,8 @@ def test_engine_runs_both_on_checkpoints(tmp_path):
     sources = [TaskVectors.from_model(ck, _save(tmp_path / f"ft{i}", sd)) for i, sd in enumerate(fts)]
     taus = [{k: f[k].float() - base[k].float() for k in base if base[k].is_floating_point()} for f in fts]
     # LiNeS over TIES from the checkpoints = from memory; factors alpha + beta l/2
-    got = merge(methods.get("lines"), ck, sources, {"base": "ties", "options": {"density": 0.5}, "alpha": 0.3, "beta": 0.6})[0]
-    mem = merge_state_dicts(methods.get("lines"), base, fts, {"base": "ties", "options": {"density": 0.5}, "alpha": 0.3, "beta": 0.6})[0]
+    got = merge(methods.get("lines"), ck, sources, {"merge": "ties", "options": {"density": 0.5}, "alpha": 0.3, "beta": 0.6})[0]
+    mem = merge_state_dicts(methods.get("lines"), base, fts, {"merge": "ties", "options": {"density": 0.5}, "alpha": 0.3, "beta": 0.6})[0]
     unscaled = merge_state_dicts(methods.get("ties"), base, fts, {"density": 0.5, "scaling": 1.0})[0]
     assert torch.equal(got["position_ids"], base["position_ids"])
     for k, v in got.items():
@@ -409,8 +409,8 @@ def test_engine_runs_both_on_checkpoints(tmp_path):
 def test_cuda_matches_cpu():
     base = stack_model(5)
     fts = finetunes(base, 4, seed=6)
-    for name, hp in [("cabs", {"n": 3, "m": 8}), ("cabs", {}), ("lines", {"base": "ties", "options": {"density": 0.3}}),
-                     ("lines", {"base": "consensus"}), ("lines", {"beta": 0.8})]:
+    for name, hp in [("cabs", {"n": 3, "m": 8}), ("cabs", {}), ("lines", {"merge": "ties", "options": {"density": 0.3}}),
+                     ("lines", {"merge": "consensus"}), ("lines", {"beta": 0.8})]:
         cpu = one(name, base, fts, **hp)
         gpu = one(name, base, fts, device="cuda", **hp)
         for k in base:

@@ -7,9 +7,11 @@ bottom one (both thresholds keep ties, as every selection here does).
 """
 from __future__ import annotations
 
+from typing import Annotated, Sequence
+
 import torch
 
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 from mergeflow.select import topk_mask
 
 
@@ -23,14 +25,14 @@ def breadcrumb_mask(tau: torch.Tensor, beta: float, gamma: float) -> torch.Tenso
 
 @register(
     "breadcrumbs",
-    params={
-        "beta": Param(0.85, "share of smallest-magnitude entries dropped per tensor", low=0.0, high=1.0),
-        "gamma": Param(0.01, "share of largest-magnitude entries (outliers) dropped per tensor", low=0.0, high=1.0),
-        "scaling": Param(0.3, "coefficient on the summed masked task vectors", low=0.0, high=10.0),
-    },
     reference="Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, ECCV 2024",
 )
-def breadcrumbs(name, base, taus, beta, gamma, scaling):
+def breadcrumbs(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
+                beta: Annotated[float, Hp("share of smallest-magnitude entries dropped per tensor", low=0.0, high=1.0)] = 0.85,
+                gamma: Annotated[float, Hp("share of largest-magnitude entries (outliers) dropped per tensor",
+                                           low=0.0, high=1.0)] = 0.01,
+                scaling: Annotated[float, Hp("coefficient on the summed masked task vectors", low=0.0, high=10.0)] = 0.3,
+                ) -> torch.Tensor:
     """Mask both magnitude tails of each task vector, then Task Arithmetic."""
     total = torch.zeros_like(base)
     for tau in taus:

@@ -33,12 +33,12 @@ lambda per task (RoBERTa-GLUE grid 0.4 ... 0.9; their 7B release uses 1.2).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 
 REFERENCE = "Yang et al., CABS: Conflict-Aware and Balanced Sparsification for Enhancing Model Merging, ICML 2025"
 DEFAULT_M = 256
@@ -127,18 +127,17 @@ def _validate(hp: dict, where: str) -> None:
 
 @register(
     "cabs",
-    params={
-        "density": Param(None, "share of each task vector kept, n/m (default min(0.25, 1/T))", low=0.0, high=1.0, kind=float),
-        "n": Param(None, "entries kept per block of m (default floor(density * m))", low=0, kind=int),
-        "m": Param(DEFAULT_M, "block size of the n:m balanced sparsification", low=1, high=1 << 16),
-        "order": Param(None, "task indices in pruning order (default 0, 1, ..., T-1)", low=0, kind=(list, int)),
-        "scaling": Param(1.0, "lambda on the masked task vectors (a number, or a list with one per task)",
-                         low=0.0, high=10.0, kind=(float, list)),
-    },
     reference=REFERENCE,
     validate=_validate,
 )
-def cabs(name, theta0, taus, density, n, m, order, scaling):
+def cabs(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
+         density: Annotated[float | None, Hp("share of each task vector kept, n/m (default min(0.25, 1/T))",
+                                             low=0.0, high=1.0)] = None,
+         n: Annotated[int | None, Hp("entries kept per block of m (default floor(density * m))", low=0)] = None,
+         m: Annotated[int, Hp("block size of the n:m balanced sparsification", low=1, high=1 << 16)] = DEFAULT_M,
+         order: Annotated[list[int] | None, Hp("task indices in pruning order (default 0, 1, ..., T-1)", low=0)] = None,
+         scaling: Annotated[float | list[float], Hp("lambda on the masked task vectors (a number, or a list with one per task)",
+                                                    low=0.0, high=10.0)] = 1.0) -> torch.Tensor:
     """Disjoint n:m masks task after task (conflict-aware, balanced), then a weighted sum."""
     hp = {"density": density, "n": n, "m": m}
     lam = lambdas(scaling, len(taus))

@@ -18,19 +18,22 @@ like task arithmetic's coefficient, and 1.0 is the public implementations' defau
 """
 from __future__ import annotations
 
+from typing import Annotated, Sequence
+
 import torch
 
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 from mergeflow.methods._svd import ceil_count, is_matrix, low_rank, rank_of, svd
 
 
 @register(
     "cart",
-    params={"rank_ratio": Param(0.08, "share of the rank kept of each centred task vector", low=0.0, high=1.0),
-            "scaling": Param(1.0, "lambda: coefficient on the summed low-rank centred task vectors", low=0.0, high=10.0)},
     reference="Choi et al., Revisiting Weight Averaging for Model Merging, arXiv:2412.12153, 2024",
 )
-def cart(name, base, taus, rank_ratio, scaling):
+def cart(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
+         rank_ratio: Annotated[float, Hp("share of the rank kept of each centred task vector", low=0.0, high=1.0)] = 0.08,
+         scaling: Annotated[float, Hp("lambda: coefficient on the summed low-rank centred task vectors",
+                                      low=0.0, high=10.0)] = 1.0) -> torch.Tensor:
     """Weight average plus the low-rank parts of the task vectors centred on it."""
     stacked = torch.stack(list(taus))
     avg = stacked.mean(0)

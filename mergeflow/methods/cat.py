@@ -31,12 +31,12 @@ size min(out, (T-1) in): fine on a GPU for ViT-B, slow on a CPU for big models.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 
 from mergeflow.errors import MergeflowError
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 
 REFERENCE = "Sun et al., CAT Merging: A Training-Free Approach for Resolving Conflicts in Model Merging, ICML 2025"
 
@@ -110,17 +110,21 @@ def trim(name: str, taus: Sequence[torch.Tensor], stats: Sequence, c: int, lam: 
 
 @register(
     "cat",
-    params={"c": Param(4, "basis vectors (linear) or dimensions (norm, bias) removed per task and layer", low=0, high=4096),
-            "lambda": Param(0.25, "trade-off: weight of the harm to a vector's own task", low=0.0, high=100.0),
-            "scaling": Param(0.3, "Task Arithmetic coefficient on the trimmed task vectors", low=0.0, high=10.0),
-            "exemplars": Param(32, "train rows per task whose layer inputs measure the conflicts", low=1, high=100000)},
     reference=REFERENCE,
-    needs="layer_inputs",
+    data="layer_inputs",
 )
-def cat(name, base, taus, c, scaling, exemplars, ctx, **hp):
+def cat(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
+        c: Annotated[int, Hp("basis vectors (linear) or dimensions (norm, bias) removed per task and layer",
+                             low=0, high=4096)] = 4,
+        tradeoff: Annotated[float, Hp("the paper's lambda: weight of the harm to a vector's own task", low=0.0, high=100.0,
+                                      aliases=("lambda",))] = 0.25,
+        scaling: Annotated[float, Hp("Task Arithmetic coefficient on the trimmed task vectors", low=0.0, high=10.0)] = 0.3,
+        exemplars: Annotated[int, Hp("train rows per task whose layer inputs measure the conflicts",
+                                     low=1, high=100000)] = 32,
+        ctx: list | None = None) -> torch.Tensor:
     """Project the conflict-prone components out of each task vector (exemplar layer inputs), then TA."""
-    stats = [task_stats.get(name) for task_stats in ctx]
-    trimmed = trim(name, taus, stats, c, hp["lambda"])
+    stats = [task_stats.get(name) for task_stats in (ctx or [])]
+    trimmed = trim(name, taus, stats, c, tradeoff)
     total = trimmed[0].mul_(scaling)
     for t in trimmed[1:]:
         total.add_(t, alpha=scaling)

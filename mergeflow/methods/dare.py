@@ -1,7 +1,7 @@
 """DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): drop and rescale.
 
 Each entry of each tau_t is dropped with probability ``drop`` and the survivors are rescaled
-by 1/(1-drop); then Task Arithmetic or TIES (``base``). With ``base: ties`` the random drop
+by 1/(1-drop); then Task Arithmetic or TIES (``merge``). With ``merge: ties`` the random drop
 stands in for TIES' trim unless ``density`` < 1 asks for both (mergekit's ``dare_ties`` is
 the default ``density: 1.0``). Randomness is seeded per (``seed``, tensor name, task index)
 and drawn on the CPU, so a merge is the same on any device, in any tensor order.
@@ -9,13 +9,19 @@ and drawn on the CPU, so a merge is the same on any device, in any tensor order.
 from __future__ import annotations
 
 import hashlib
+from typing import Annotated, Literal, Sequence
 
 import torch
 
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 from mergeflow.methods.ties import disjoint_mean, trim
 
-SEED = Param(0, "random seed of the drop masks (a merge is reproducible from it)", low=0)
+Seed = Annotated[int, Hp("random seed of the drop masks (a merge is reproducible from it)", low=0)]
+Drop = Annotated[float, Hp("probability of dropping each task-vector entry", low=0.0, high=0.999)]
+Merge = Annotated[Literal["task_arithmetic", "ties"], Hp("what merges the rescaled vectors", aliases=("base",))]
+Scaling = Annotated[float, Hp("coefficient on the merged task vector (Task Arithmetic 0.3, TIES about 1)", low=0.0, high=10.0)]
+Density = Annotated[float, Hp("with merge ties: TIES trim after the drop (1.0: none, as mergekit's dare_ties)",
+                              low=0.0, high=1.0)]
 
 
 def generator(seed: int, name: str, index: int) -> torch.Generator:
@@ -33,20 +39,14 @@ def drop_and_rescale(tau: torch.Tensor, drop: float, gen: torch.Generator) -> to
 
 @register(
     "dare",
-    params={
-        "drop": Param(0.9, "probability of dropping each task-vector entry", low=0.0, high=0.999),
-        "base": Param("task_arithmetic", "what merges the rescaled vectors", choices=("task_arithmetic", "ties")),
-        "scaling": Param(0.3, "coefficient on the merged task vector (Task Arithmetic 0.3, TIES about 1)", low=0.0, high=10.0),
-        "density": Param(1.0, "with base ties: TIES trim after the drop (1.0: none, as mergekit's dare_ties)", low=0.0, high=1.0),
-        "seed": SEED,
-    },
     reference="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, ICML 2024",
 )
-def dare(name, theta0, taus, **hp):
+def dare(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, drop: Drop = 0.9,
+         merge: Merge = "task_arithmetic", scaling: Scaling = 0.3, density: Density = 1.0, seed: Seed = 0) -> torch.Tensor:
     """Drop each entry with probability drop, rescale the rest, then Task Arithmetic or TIES."""
-    rescaled = [drop_and_rescale(t, hp["drop"], generator(hp["seed"], name, i)) for i, t in enumerate(taus)]
-    if hp["base"] == "ties":
-        merged = disjoint_mean([trim(t, hp["density"]) for t in rescaled])
+    rescaled = [drop_and_rescale(t, drop, generator(seed, name, i)) for i, t in enumerate(taus)]
+    if merge == "ties":
+        merged = disjoint_mean([trim(t, density) for t in rescaled])
     else:
         merged = torch.stack(rescaled).sum(0)
-    return merged * hp["scaling"]
+    return merged * scaling

@@ -9,11 +9,11 @@ M_t * tau_uni. Stored: tau_uni, one bit per entry and task, one float per task.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
 
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 
 
 def unify(taus: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -50,14 +50,15 @@ def _storage(n: int, n_tasks: int, itemsize: int) -> int:
 
 @register(
     "emr",
-    dynamic=True,
-    params={"rescale": Param("mean", "rescaler as the authors' code (mean per tensor) or the paper's equation (global)",
-                             choices=("mean", "global"))},
+    kind="dynamic",
     reference="Huang et al., EMR-Merging: Tuning-Free High-Performance Model Merging, NeurIPS 2024",
     prepare=prepare_emr,
     storage=_storage,
 )
-def emr(name, base, taus, rescale, ctx):
+def emr(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
+        rescale: Annotated[Literal["mean", "global"], Hp("rescaler as the authors' code (mean per tensor) or the paper's "
+                                                         "equation (global)")] = "mean",
+        ctx: dict | None = None) -> list[torch.Tensor]:
     """Unified task vector with per-task masks and rescalers (task identity known)."""
     uni, masks = unify(taus)
     return [uni * m * lam for m, lam in zip(masks, ctx["rescalers"])]

@@ -28,16 +28,16 @@ numerically full-rank matrices (any real fine-tune).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 from mergeflow.methods._svd import is_matrix, mean, orthogonalise, rank_of, significant, svd
 
 REFERENCE = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
              "ICML 2025 (arXiv:2502.04959)")
-SCALING = Param(1.0, "alpha: coefficient on the merged task vector", low=0.0, high=10.0)
+Scaling = Annotated[float, Hp("alpha: coefficient on the merged task vector", low=0.0, high=10.0)]
 
 
 def _sum(taus: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -91,8 +91,8 @@ def iso_cts_matrix(taus: Sequence[torch.Tensor], common_fraction: float) -> torc
     return (orthogonalise(u_star) * (sigma_bar * keep)) @ orthogonalise(v_star)
 
 
-@register("iso_c", params={"scaling": SCALING}, reference=REFERENCE)
-def iso_c(name, base, taus, scaling):
+@register("iso_c", reference=REFERENCE)
+def iso_c(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, scaling: Scaling = 1.0) -> torch.Tensor:
     """Isotropic merge in the common subspace: the sum of task vectors with a flat singular spectrum."""
     if is_matrix(name, taus[0]):
         return iso_c_matrix(taus).mul_(scaling)
@@ -101,11 +101,12 @@ def iso_c(name, base, taus, scaling):
 
 @register(
     "iso_cts",
-    params={"common_fraction": Param(0.8, "share of the rank given to the common subspace of the sum", low=0.0, high=1.0),
-            "scaling": SCALING},
     reference=REFERENCE,
 )
-def iso_cts(name, base, taus, common_fraction, scaling):
+def iso_cts(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
+            common_fraction: Annotated[float, Hp("share of the rank given to the common subspace of the sum",
+                                                 low=0.0, high=1.0)] = 0.8,
+            scaling: Scaling = 1.0) -> torch.Tensor:
     """Isotropic merge in the common and task-specific subspaces, flat singular spectrum."""
     if is_matrix(name, taus[0]):
         return iso_cts_matrix(taus, common_fraction).mul_(scaling)

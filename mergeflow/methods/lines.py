@@ -20,7 +20,7 @@ theta_0 + lambda(l) * tau_MTL, with ``apply_to(..., scaling_coef=1.0)``
 
 and the base's own ``scaling`` is not a free option: ``options.scaling`` is refused (set
 ``alpha``/``beta`` instead); every other option of the base (TIES ``density``/``scope``,
-Consensus ``k``/``lambda``/``base``/``density``) is validated by the base method before any
+Consensus ``k``/``threshold``/``merge``/``density``) is validated by the base method before any
 work starts.
 
 ``alpha`` (default: the paper's rule) is, as the authors compute it,
@@ -34,16 +34,15 @@ middle of the Task Arithmetic grid, not a reported optimum: tune it.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal, Sequence
 
 import torch
 
 from mergeflow import methods
 from mergeflow.errors import MergeflowError
 from mergeflow.layers import layer_depths
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 
-BASES = ("task_arithmetic", "ties", "consensus")
 REFERENCE = ("Wang et al., LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging, ICLR 2025")
 
 
@@ -57,14 +56,14 @@ def _validate(hp: dict, where: str) -> None:
     if "scaling" in opts:
         raise MergeflowError(f"{where}options.scaling: lines replaces the base method's scaling by "
                              f"alpha + beta*l/(L-1); set alpha and beta instead")
-    checked = methods.get(hp["base"]).hyper(opts, where=f"{where}options.")
+    checked = methods.get(hp["merge"]).hyper(opts, where=f"{where}options.")
     checked.pop("scaling", None)  # the base runs with scaling 1 (see the module doc)
     hp["options"] = checked
 
 
 def _inner(hp: dict) -> tuple[methods.Method, dict]:
     """The base method and its hyper-parameters with scaling 1."""
-    inner = methods.get(hp["base"])
+    inner = methods.get(hp["merge"])
     inner_hp = dict(hp["options"])
     if "scaling" in inner.params:
         inner_hp["scaling"] = 1.0
@@ -72,9 +71,7 @@ def _inner(hp: dict) -> tuple[methods.Method, dict]:
 
 
 def _run_inner(inner: methods.Method, inner_hp: dict, name: str, theta0, taus, base_ctx) -> torch.Tensor:
-    if inner.prepare is not None:
-        return inner.fn(name, theta0, taus, **inner_hp, ctx=base_ctx)
-    return inner.fn(name, theta0, taus, **inner_hp)
+    return inner(name, theta0, taus, ctx=base_ctx, **inner_hp)
 
 
 def prepare_lines(stream, hp) -> dict[str, Any]:
@@ -83,7 +80,7 @@ def prepare_lines(stream, hp) -> dict[str, Any]:
     inner, inner_hp = _inner(hp)
     base_ctx = inner.prepare(stream, dict(inner_hp)) if inner.prepare is not None else None
     alpha = hp["alpha"]
-    need_norms = alpha is None and hp["base"] != "task_arithmetic"
+    need_norms = alpha is None and hp["merge"] != "task_arithmetic"
     names: list[str] = []
     summed = merged = 0.0
     n_tasks = 0
@@ -106,24 +103,24 @@ def prepare_lines(stream, hp) -> dict[str, Any]:
 
 @register(
     "lines",
-    params={
-        "base": Param("task_arithmetic", "the merge whose task vector is scaled per layer", choices=BASES),
-        "options": Param({}, "hyper-parameters of the base method (its scaling excepted)", kind=dict),
-        "alpha": Param(None, "factor of the first block and of the names outside the block stack "
-                             "(default: the paper's rule, (1/T) ||sum tau||_1 / ||tau_MTL||_1)",
-                       low=0.0, high=10.0, kind=float),
-        "beta": Param(0.5, "added factor of the last block (lambda(l) = alpha + beta l/(L-1)); tune on validation",
-                      low=0.0, high=10.0),
-    },
     reference=REFERENCE,
     prepare=prepare_lines,
     validate=_validate,
 )
-def lines(name, theta0, taus, **hp):
-    """The base merge's task vector scaled by alpha + beta * l/(L-1) at block l of L."""
-    ctx = hp["ctx"]
-    inner, inner_hp = _inner(hp)
-    merged = _run_inner(inner, inner_hp, name, theta0, taus, ctx["base_ctx"])
-    alpha = ctx["alpha"] if ctx["alpha"] is not None else 1.0 / len(taus)
+def lines(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
+          merge: Annotated[Literal["task_arithmetic", "ties", "consensus"],
+                           Hp("the merge whose task vector is scaled per layer", aliases=("base",))] = "task_arithmetic",
+          options: Annotated[dict, Hp("hyper-parameters of the merge (its scaling excepted)")] = {},  # copied per call by hyper()
+          alpha: Annotated[float | None, Hp("factor of the first block and of the names outside the block stack "
+                                            "(default: the paper's rule, (1/T) ||sum tau||_1 / ||tau_MTL||_1)",
+                                            low=0.0, high=10.0)] = None,
+          beta: Annotated[float, Hp("added factor of the last block (lambda(l) = alpha + beta l/(L-1)); tune on validation",
+                                    low=0.0, high=10.0)] = 0.5,
+          ctx: dict | None = None) -> torch.Tensor:
+    """The merge's task vector scaled by alpha + beta * l/(L-1) at block l of L."""
+    assert ctx is not None  # prepare_lines always runs first
+    inner, inner_hp = _inner({"merge": merge, "options": options})
+    merged = _run_inner(inner, inner_hp, name, base, taus, ctx["base_ctx"])
+    a = ctx["alpha"] if ctx["alpha"] is not None else 1.0 / len(taus)
     l, L = ctx["depths"].get(name, (0, 1))
-    return merged.mul_(factor(l, L, alpha, hp["beta"]))
+    return merged.mul_(factor(l, L, a, beta))

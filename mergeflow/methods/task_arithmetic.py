@@ -1,7 +1,15 @@
 """Task Arithmetic (Ilharco et al., ICLR 2023): theta_0 + scaling * sum_t tau_t."""
 
+from __future__ import annotations
+
+from typing import Annotated, Sequence
+
+import torch
+
 from mergeflow import kernels
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
+
+Scaling = Annotated[float, Hp("coefficient lambda on the summed task vectors", low=0.0, high=10.0)]
 
 
 # The fused linear kernel saves ~3 ms per 1M parameters x 4 tasks over torch's block loop
@@ -15,13 +23,12 @@ def _kernel(base, fts, subtract, out, hp, stats):
 
 @register(
     "task_arithmetic",
-    params={"scaling": Param(0.3, "coefficient lambda on the summed task vectors", low=0.0, high=10.0)},
     reference="Ilharco et al., Editing models with task arithmetic, ICLR 2023",
     blockwise=True,
     kernel=_kernel,
     kernel_min=LINEAR_KERNEL_MIN,
 )
-def task_arithmetic(name, base, taus, scaling):
+def task_arithmetic(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, scaling: Scaling = 0.3) -> torch.Tensor:
     """Base plus scaling times the sum of task vectors."""
     total = taus[0] * scaling
     for tau in taus[1:]:

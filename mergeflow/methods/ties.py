@@ -9,16 +9,17 @@ Consensus merging.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Literal, Sequence
 
 import torch
 
 from mergeflow import kernels
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 from mergeflow.select import global_thresholds, magnitude_mask
 
-DENSITY = Param(0.2, "share of each task vector kept by magnitude (trim)", low=0.0, high=1.0)
-SCOPE = Param("tensor", "trim threshold per tensor, or one across the whole model", choices=("tensor", "global"))
+Density = Annotated[float, Hp("share of each task vector kept by magnitude (trim)", low=0.0, high=1.0)]
+Scope = Annotated[Literal["tensor", "global"], Hp("trim threshold per tensor, or one across the whole model")]
+Scaling = Annotated[float, Hp("coefficient on the merged task vector", low=0.0, high=10.0)]
 REFERENCE = "Yadav et al., TIES-Merging: Resolving Interference When Merging Models, NeurIPS 2023"
 
 
@@ -91,13 +92,13 @@ def ties_vector(taus: Sequence[torch.Tensor], density: float, ctx: dict | None =
 
 @register(
     "ties",
-    params={"density": DENSITY, "scaling": Param(1.0, "coefficient on the merged task vector", low=0.0, high=10.0), "scope": SCOPE},
     reference=REFERENCE,
     prepare=prepare_ties,
     blockwise=True,
     tensor_stats=trim_thresholds,
     kernel=_kernel,
 )
-def ties(name, base, taus, density, scaling, scope, ctx=None, stats=None):
+def ties(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, density: Density = 0.2, scaling: Scaling = 1.0,
+         scope: Scope = "tensor", ctx: dict | None = None, stats: dict | None = None) -> torch.Tensor:
     """Trim each task vector, elect signs, average the agreeing entries."""
     return ties_vector(taus, density, ctx, stats).mul_(scaling)

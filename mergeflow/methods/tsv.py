@@ -25,16 +25,16 @@ Reported (ViT-B/32, 8 tasks): TSV-M 85.9; TSV-C keeps ~99% of the fine-tuned acc
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Annotated, Mapping, Sequence
 
 import torch
 
-from mergeflow.methods import Param, register
+from mergeflow.methods import Hp, register
 from mergeflow.methods._svd import is_matrix, keep_count, low_rank, mean, orthogonalise, rank_of, significant, stacked_svd
 
 REFERENCE = ("Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025 "
              "(arXiv:2412.00081)")
-FRACTION = Param(None, "share of each task vector's rank kept (default 1/T)", low=0.0, high=1.0, kind=float)
+Fraction = Annotated[float | None, Hp("share of each task vector's rank kept (default 1/T)", low=0.0, high=1.0)]
 
 
 def per_task_rank(fraction: float | None, r: int, n_tasks: int) -> int:
@@ -61,10 +61,10 @@ def tsv_merge_matrix(taus: Sequence[torch.Tensor], fraction: float | None) -> to
 
 @register(
     "tsv_m",
-    params={"fraction": FRACTION, "scaling": Param(1.0, "coefficient on the merged task vector", low=0.0, high=10.0)},
     reference=REFERENCE,
 )
-def tsv_m(name, base, taus, fraction, scaling):
+def tsv_m(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, fraction: Fraction = None,
+          scaling: Annotated[float, Hp("coefficient on the merged task vector", low=0.0, high=10.0)] = 1.0) -> torch.Tensor:
     """Task Singular Vectors merge: each task's top singular triplets, decorrelated by orthogonal Procrustes."""
     if is_matrix(name, taus[0]):
         return tsv_merge_matrix(taus, fraction).mul_(scaling)
@@ -103,12 +103,11 @@ def _storage(n: int, n_tasks: int, itemsize: int, hp: dict | None = None,
 
 @register(
     "tsv_c",
-    dynamic=True,
-    params={"fraction": FRACTION},
+    kind="dynamic",
     reference=REFERENCE,
     storage=_storage,
 )
-def tsv_c(name, base, taus, fraction):
+def tsv_c(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, fraction: Fraction = None) -> list[torch.Tensor]:
     """Task Singular Vectors compression: each task model keeps its task vector's top singular triplets."""
     if not is_matrix(name, taus[0]):
         return [tau.clone() for tau in taus]

@@ -9,19 +9,22 @@ theta_0 + s * B. 0-dim tensors stay dense; all-zero task-vector tensors are skip
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import shutil
+from typing import Annotated, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from mergeflow.codecs.switch import Switch, SwitchTensor
 from mergeflow.errors import MergeflowError
-from mergeflow.methods import Param, register
+from mergeflow.methods import EvalJob, Hp, MergeJob, Method, register
 from mergeflow.select import kth_largest
 
 # [0, 1): at 1 every sign's keep count is 0, and a sign too few to prune is kept whole, so drop 1
 # would keep everything; it is refused instead.
-DROP = Param(0.6, "share of each sign's non-zero entries dropped (0.6 ViT, 0.7 RoBERTa, 0.4 LoRA)", low=0.0, high=1.0,
-             high_open=True)
+NAME = "tswitch"
+REFERENCE = "Qi et al., Less is More: Efficient Model Merging with Binary Task Switch, CVPR 2025"
+Drop = Annotated[float, Hp("share of each sign's non-zero entries dropped (0.6 ViT, 0.7 RoBERTa, 0.4 LoRA)",
+                           low=0.0, high=1.0, high_open=True)]
 
 
 def ternarize(tau: torch.Tensor, drop: float) -> tuple[torch.Tensor, float]:
@@ -57,7 +60,7 @@ def compress(taus: Iterable[tuple[str, torch.Tensor]], drop: float, keep_dense: 
         else:
             ternary, scale = ternarize(tau, drop)
             tensors[name] = SwitchTensor(ternary.cpu(), scale)
-    meta = {"method": "tswitch", "drop": repr(float(drop)), **dict(metadata or {})}
+    meta = {"method": NAME, "drop": repr(float(drop)), **dict(metadata or {})}
     return Switch(tensors=tensors, dense=dense, skipped=skipped, metadata=meta)
 
 
@@ -70,14 +73,39 @@ def delta(switch: Switch, name: str, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
 
 
-@register(
-    "tswitch",
-    dynamic=True,
-    params={"drop": DROP},
-    reference="Qi et al., Less is More: Efficient Model Merging with Binary Task Switch, CVPR 2025",
-)
-def tswitch(name, base, taus, drop):
-    """Per-task binary switch theta_0 + s_t * B_t (task identity known)."""
+def write_switches(method: Method, job: MergeJob) -> tuple[int, dict]:
+    """The pipeline's T-Switch / Auto-Switch: the compress stage's switch files are the compact
+    form (the task model is built on load); Auto-Switch keeps its query set beside them."""
+    job.dst.mkdir()
+    files = [job.switch(t) for t in job.tasks] + ([job.queries()] if method.kind == "routed" else [])
+    for f in files:
+        shutil.copyfile(f, job.dst / f.name)
+    return sum((job.dst / f.name).stat().st_size for f in files), {"store": "switches", **job.hp}
+
+
+def switch_models(job: EvalJob) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Each task's model theta_0 + s_t B_t, built from its stored switch."""
+    from mergeflow.codecs.switch import SWITCH_SUFFIX, load_switch
+
+    for task in job.tasks:
+        path = job.folder / f"{task}{SWITCH_SUFFIX}"
+        yield task, apply_switch(job.base, load_switch(path), source=str(path))
+
+
+def write_compact(base, sources, hp: dict, out, echo) -> None:
+    """``mergeflow merge --set store=switches``: one switch file per model, no merged checkpoint."""
+    from mergeflow.codecs.switch import save_switch
+    from mergeflow.io.atomic import atomic_dir
+    from mergeflow.vectors import iter_task_vector
+
+    with atomic_dir(out) as tmp:
+        for i, src in enumerate(sources):
+            sw = compress(iter_task_vector(base, src.ref), hp["drop"], metadata={"model": str(src.ref.path)})
+            st = save_switch(tmp / f"task_{i}.switch.safetensors", sw)
+            echo(f"task_{i}: {st.bits_per_param:.3f} bits/param, {st.file_bytes:,} bytes")
+
+
+def _switches(taus: Sequence[torch.Tensor], drop: float) -> list[torch.Tensor]:
     out = []
     for tau in taus:
         if tau.dim() == 0 or not bool(tau.any()):
@@ -88,21 +116,34 @@ def tswitch(name, base, taus, drop):
     return out
 
 
-@register(
-    "autoswitch",
-    dynamic=True,
-    params={"drop": DROP,
-            "k": Param(10, "nearest queries that vote for the tasks' switches (10 ViT, 5 RoBERTa)", low=1),
-            "batch_size": Param(128, "inputs per shuffled mixed-task batch at evaluation", low=1)},
-    reference="Qi et al., Less is More: Efficient Model Merging with Binary Task Switch, CVPR 2025 (Auto-Switch)",
-)
-def autoswitch(name, base, taus, drop, k, batch_size):
-    """T-Switch's switches routed per input by k-nearest-neighbour retrieval (task identity unknown).
+@register(NAME, kind="dynamic", reference=REFERENCE, set_by={"drop": "compress.drop"}, write=write_switches,
+          models=switch_models, compact=write_compact, codec=compress)
+def tswitch(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, drop: Drop = 0.6) -> list[torch.Tensor]:
+    """Per-task binary switch theta_0 + s_t * B_t (task identity known)."""
+    return _switches(taus, drop)
 
-    Routing needs a query set of embedded samples, so it runs in the pipeline (or through
-    ``mergeflow.runtime``); per tensor the switches are T-Switch's."""
-    raise MergeflowError("autoswitch routes each input at inference: run it in the pipeline (merge.methods) "
-                         "or serve it with mergeflow.runtime; `mergeflow merge --method tswitch --set store=switches` writes its switches")
+
+def evaluate_routed(job: EvalJob) -> dict[str, dict[str, Any]]:
+    """Auto-Switch on shuffled mixed-task test batches: one row per routing mode."""
+    from mergeflow.autoswitch import evaluate_autoswitch
+
+    modes = evaluate_autoswitch(job.folder, job.tasks, job.meta, job.family, job.base, job.data, job.seed)
+    name = job.meta["method"]
+    return {f"{name}_{mode}": {"scores": scores, "extra": {"routing_acc": routing, "method": name, "mode": mode, "dynamic": True}}
+            for mode, (scores, routing) in modes.items()}
+
+
+@register("autoswitch", kind="routed", reference=f"{REFERENCE} (Auto-Switch)",
+          set_by={"drop": "compress.drop", "queries": "compress.queries"}, write=write_switches, evaluate=evaluate_routed)
+def autoswitch(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, drop: Drop = 0.6,
+               k: Annotated[int, Hp("nearest queries that vote for the tasks' switches (10 ViT, 5 RoBERTa)", low=1)] = 10,
+               batch_size: Annotated[int, Hp("inputs per shuffled mixed-task batch at evaluation", low=1)] = 128,
+               queries: Annotated[int, Hp("query samples per task (train split, base-model embeddings)", low=1)] = 100,
+               ) -> list[torch.Tensor]:
+    """T-Switch's switches, routed per input by k-nearest-neighbour retrieval (task identity unknown).
+    Per tensor the switches are T-Switch's; routing needs the query set, which the pipeline
+    builds (compress stage) and ``mergeflow.runtime`` serves."""
+    return _switches(taus, drop)
 
 
 def apply_switch(base, switch: Switch, source: str = "switch") -> dict[str, torch.Tensor]:

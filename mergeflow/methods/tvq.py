@@ -14,7 +14,7 @@ on the dequantised vectors. So both methods here wrap another, static merge:
 
 Here the quantisation runs in memory (``qdq``: what ``mergeflow merge`` and the API do); the
 pipeline's merge stage keeps the codes as files and merges from them instead
-(``mergeflow.stages._quantised_merge``, the same merged model bit for bit).
+(``write_quantised``, the same merged model bit for bit).
 
 A wrapped method with a model-wide ``prepare`` step (TIES with ``scope: global``, ...) sees the
 quantised vectors there too. Refused as ``merge``: dynamic methods (the registry fixes
@@ -31,35 +31,37 @@ hyper-parameters and the tensors' shapes from the pipeline and counts that overh
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Sequence
+
+import torch
 
 from mergeflow import methods
 from mergeflow.codecs.quant import qdq, rtvq_bytes, rtvq_qdq, tvq_bytes
 from mergeflow.errors import MergeflowError
-from mergeflow.methods import Method, Param, register
+from mergeflow.methods import Hp, MergeJob, Method, register
 
 REFERENCE = "Kim et al., Task Vector Quantization for Memory-Efficient Model Merging, ICCV 2025"
-NOT_WRAPPED = ("tswitch", "autoswitch", "tvq", "rtvq")
 TVQ_BITS = 4
 RTVQ_BASE_BITS, RTVQ_OFFSET_BITS = 3, 2
 
-MERGE = Param("task_arithmetic", "the (static) merge run on the dequantised task vectors")
-OPTIONS = Param({}, "hyper-parameters of the merge named by `merge`", kind=dict)
+Merge = Annotated[str, Hp("the (static) merge run on the dequantised task vectors")]
+Options = Annotated[dict, Hp("hyper-parameters of the merge named by `merge`")]
 
 
-def _bits(default: int, what: str) -> Param:
-    return Param(default, f"{what} (per-tensor asymmetric min-max)", low=2, high=8)
+def _bits(what: str) -> Hp:
+    return Hp(f"{what} (per-tensor asymmetric min-max)", low=2, high=8)
 
 
 def inner_method(name: str, where: str = "") -> Method:
     """The method ``merge`` names, if it can run on quantised task vectors; else a one-line error."""
-    if name in NOT_WRAPPED:
-        raise MergeflowError(f"{where}merge: {name} cannot run on quantised task vectors "
-                             f"({', '.join(NOT_WRAPPED)} compress task vectors themselves)")
     try:
         method = methods.get(name)
     except MergeflowError as e:
         raise MergeflowError(f"{where}merge: {e}") from None
+    if method.write is not None or method.codec is not None:
+        own = ", ".join(n for n in methods.names() if methods.get(n).write or methods.get(n).codec)
+        raise MergeflowError(f"{where}merge: {name} cannot run on quantised task vectors "
+                             f"({own} compress task vectors themselves)")
     if method.dynamic:
         raise MergeflowError(f"{where}merge: {name} is a dynamic method (a model per task); "
                              f"tvq and rtvq wrap static merges only")
@@ -100,10 +102,7 @@ def _wrapped_prepare(quantised):
 
 def _run(name, base, taus, hp: dict, ctx) -> Any:
     method, options = inner(hp)
-    kwargs = dict(options)
-    if method.prepare is not None:
-        kwargs["ctx"] = ctx
-    return method(name, base, taus, **kwargs)
+    return method(name, base, taus, ctx=ctx, **options)
 
 
 def _tvq_taus(taus, hp):
@@ -140,28 +139,70 @@ def exact_storage(hp: dict, n: int, n_tasks: int, shapes: dict | None) -> int:
 
 @register(
     "tvq",
-    params={"bits": _bits(TVQ_BITS, "bits per task-vector entry"), "merge": MERGE, "options": OPTIONS},
     reference=REFERENCE,
     prepare=_wrapped_prepare(_tvq_taus),
     storage=lambda n, n_tasks, itemsize, hp=None, shapes=None: exact_storage(hp or {"bits": TVQ_BITS}, n, n_tasks, shapes),
     validate=_validate,
+    write=lambda method, job: write_quantised(method, job),
 )
-def tvq(name, base, taus, ctx=None, **hp):
+def tvq(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
+        bits: Annotated[int, _bits("bits per task-vector entry")] = TVQ_BITS,
+        merge: Merge = "task_arithmetic", options: Options = {},  # copied per call by hyper()
+        ctx: Any = None) -> torch.Tensor:
     """Any static merge on task vectors quantised per tensor to `bits` bits (TVQ)."""
+    hp = {"bits": bits, "merge": merge, "options": options}
     return _run(name, base, _tvq_taus(taus, hp), hp, ctx)
 
 
 @register(
     "rtvq",
-    params={"base_bits": _bits(RTVQ_BASE_BITS, "bits of the shared base vector (mean of the task vectors)"),
-            "offset_bits": _bits(RTVQ_OFFSET_BITS, "bits of each task's offset from the dequantised base"),
-            "merge": MERGE, "options": OPTIONS},
     reference=REFERENCE,
     prepare=_wrapped_prepare(_rtvq_taus),
     storage=lambda n, n_tasks, itemsize, hp=None, shapes=None: exact_storage(
         hp or {"base_bits": RTVQ_BASE_BITS, "offset_bits": RTVQ_OFFSET_BITS}, n, n_tasks, shapes),
     validate=_validate,
+    write=lambda method, job: write_quantised(method, job),
 )
-def rtvq(name, base, taus, ctx=None, **hp):
+def rtvq(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
+         base_bits: Annotated[int, _bits("bits of the shared base vector (mean of the task vectors)")] = RTVQ_BASE_BITS,
+         offset_bits: Annotated[int, _bits("bits of each task's offset from the dequantised base")] = RTVQ_OFFSET_BITS,
+         merge: Merge = "task_arithmetic", options: Options = {},  # copied per call by hyper()
+         ctx: Any = None) -> torch.Tensor:
     """Any static merge on residually quantised task vectors: base^ + offset_t^ (RTVQ)."""
+    hp = {"base_bits": base_bits, "offset_bits": offset_bits, "merge": merge, "options": options}
     return _run(name, base, _rtvq_taus(taus, hp), hp, ctx)
+
+
+def write_quantised(method: Method, job: MergeJob) -> tuple[int, dict]:
+    """The pipeline's TVQ / RTVQ: the task vectors quantised into files (``dst/codes``: one
+    ``<task>.tvq`` per task, or one ``tasks.rtvq``); the wrapped merge reads its task vectors back
+    from those files one tensor at a time. Storage is the files' payload."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from mergeflow.codecs.quant import QuantReader, save_rtvq_from, save_tvq_from
+    from mergeflow.io.checkpoint import Checkpoint
+    from mergeflow.merge import TaskVectors
+
+    hp, tasks, dst = job.hp, job.tasks, job.dst
+    vectors = [Checkpoint(job.vector(t)) for t in tasks]
+    codes = Path(tempfile.mkdtemp(prefix=f".{method.name}-codes.", suffix=".tmp", dir=dst.parent))
+    try:
+        if "bits" in hp:
+            stats = save_tvq_from(vectors, hp["bits"], codes, tasks)
+            views = [QuantReader(codes / f"{t}.tvq").task() for t in tasks]
+        else:
+            stats = [save_rtvq_from(vectors, hp["base_bits"], hp["offset_bits"], codes / "tasks.rtvq",
+                                    {"tasks": ",".join(tasks)})]
+            reader = QuantReader(codes / "tasks.rtvq")
+            views = [reader.task(i) for i in range(len(tasks))]
+        wrapped, options = inner(hp)
+        job.merge(wrapped, [TaskVectors(job.base, v, True) for v in views], options)
+        os.replace(codes, dst / "codes")
+    finally:
+        shutil.rmtree(codes, ignore_errors=True)
+    storage = sum(st.payload_bytes for st in stats)
+    return storage, {"store": "checkpoint", "codes": sorted(f.name for f in (dst / "codes").iterdir()),
+                     "codes_file_bytes": sum(st.file_bytes for st in stats), **hp}

@@ -1,4 +1,5 @@
-"""compress: every task vector as a T-Switch binary switch file, and Auto-Switch's query set beside them."""
+"""compress: every task vector in ``compress.method``'s compact form (T-Switch's binary switch
+files), and the Auto-Switch query set beside them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +9,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.io.atomic import write_json
 from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.merge import resolve_device
-from mergeflow.methods import tswitch
+from mergeflow import methods
 from mergeflow.params import Params
 from mergeflow.stages.layout import QUERIES_NAME, SWITCH_SUFFIX, Layout, Log, family_of, noop, require, tasks_of
 from mergeflow.stages.units import Map, run_stage_units
@@ -33,7 +34,7 @@ def run_unit(p: Params, lay: Layout, unit: str, work: Path, log: Log) -> dict:
         return {"bytes": queries.nbytes}
     task = unit
     vec = Checkpoint(require(lay.vectors / f"{task}.safetensors", "extract"))
-    switch = tswitch.compress(vec.items(), p.compress.drop, metadata={"task": task})
+    switch = methods.get(p.compress.method).codec(vec.items(), p.compress.drop, metadata={"task": task})
     st = save_switch(work / f"{task}{SWITCH_SUFFIX}", switch, encoding=p.compress.encoding)
     n = sum(t.numel() for _, t in vec.items())
     stats = {

@@ -6,34 +6,35 @@ import hashlib
 import json
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from mergeflow import methods
-from mergeflow.autoswitch import evaluate_autoswitch
-from mergeflow.codecs.switch import load_switch
 from mergeflow.errors import MergeflowError
 from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.merge import resolve_device
-from mergeflow.methods import tswitch
+from mergeflow.methods import EvalJob
 from mergeflow.params import Params
-from mergeflow.stages.layout import SWITCH_SUFFIX, Layout, Log, family_of, floating_params, noop, require, tasks_of
+from mergeflow.stages.layout import Layout, Log, family_of, floating_params, noop, require, tasks_of
 from mergeflow.stages.units import Map, run_stage_units
 
-def task_state_dicts(lay: Layout, name: str, tasks: list[str], base_sd: dict[str, torch.Tensor]):
-    """Yield (task, state dict) of a merged method: the same model for a static method."""
-    meta = json.loads(require(lay.merged / name / "method.json", "merge").read_text())
-    if meta.get("store") == "switches":
-        for task in tasks:
-            path = lay.merged / name / f"{task}{SWITCH_SUFFIX}"
-            yield task, tswitch.apply_switch(base_sd, load_switch(path), source=str(path))
-    elif meta["dynamic"]:
-        for i, task in enumerate(tasks):
-            yield task, Checkpoint(lay.merged / name / f"task_{i}").state_dict()
+
+def stored_models(job: EvalJob) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(task, state dict) of a merged method as the engine wrote it: one model for a static
+    method (the same for every task), ``task_<i>`` per task for a dynamic one."""
+    if job.meta["dynamic"]:
+        for i, task in enumerate(job.tasks):
+            yield task, Checkpoint(job.folder / f"task_{i}").state_dict()
     else:
-        sd = Checkpoint(lay.merged / name).state_dict()
-        for task in tasks:
+        sd = Checkpoint(job.folder).state_dict()
+        for task in job.tasks:
             yield task, sd
+
+
+def scored_rows(method: methods.Method, job: EvalJob) -> dict[str, dict]:
+    """One metrics row per model the method gives: its models' scores on each task."""
+    return {method.name: {"scores": {t: job.score(sd, t) for t, sd in job.models()}, "extra": {"dynamic": method.dynamic}}}
 
 
 def run(p: Params, root: Path, log: Log = noop, map_units: Map | None = None) -> dict:
@@ -88,15 +89,17 @@ def run_unit(p: Params, lay: Layout, unit: str, work: Path, log: Log) -> dict:
         return {"scores": {t: score(Checkpoint(lay.checkpoints / t).state_dict(), t) for t in tasks}}
     if unit == "base":
         return {"scores": {t: score(base_sd, t) for t in tasks}}
-    meta = json.loads(require(lay.merged / unit / "method.json", "merge").read_text())
-    if unit == "autoswitch":
-        modes = evaluate_autoswitch(lay.merged / unit, tasks, meta, fam, base_sd, data, p.seed)
-        return {"storage": meta["storage_bytes"], "modes": {m: {"scores": r, "routing": a} for m, (r, a) in modes.items()}}
-    return {"storage": meta["storage_bytes"], "scores": {t: score(sd, t) for t, sd in task_state_dicts(lay, unit, tasks, base_sd)}}
+    method = methods.get(unit)
+    folder = require(lay.merged / unit, "merge")
+    meta = json.loads(require(folder / "method.json", "merge").read_text())
+    job = EvalJob(tasks=tasks, folder=folder, meta=meta, base=base_sd, family=fam, data=data, seed=p.seed, score=score,
+                  models=lambda: (method.models or stored_models)(job))
+    rows = method.evaluate(job) if method.evaluate is not None else scored_rows(method, job)
+    return {"storage": meta["storage_bytes"], "rows": rows}
 
 
 def finish(p: Params, lay: Layout, work: Path, results: dict, log: Log) -> dict:
-    from mergeflow import evaluate as ev
+    from mergeflow import metrics as ev
 
     tasks = tasks_of(p, lay)
     n, _ = floating_params(Checkpoint(require(lay.checkpoints / "base", "download")))
@@ -113,17 +116,10 @@ def finish(p: Params, lay: Layout, work: Path, results: dict, log: Log) -> dict:
     metrics = {"methods": {}, "experts": row(results["experts"]["scores"], tv_bytes), "base": row(results["base"]["scores"], 0)}
     for name in p.merge.methods:
         res = results[name]
-        if name == "autoswitch":
-            for mode, r in res["modes"].items():
-                metrics["methods"][f"autoswitch_{mode}"] = row(r["scores"], res["storage"], routing_acc=r["routing"],
-                                                              method=name, mode=mode, dynamic=True)
-                m = metrics["methods"][f"autoswitch_{mode}"]
-                log(f"evaluate: autoswitch ({mode}): score {m['acc_avg']:.4f}, normalised {m['norm_acc_avg']:.4f}, "
-                    f"routing {r['routing']:.4f}")
-            continue
-        metrics["methods"][name] = row(res["scores"], res["storage"], dynamic=methods.get(name).dynamic)
-        log(f"evaluate: {name}: score {metrics['methods'][name]['acc_avg']:.4f}, "
-            f"normalised {metrics['methods'][name]['norm_acc_avg']:.4f}")
+        for row_name, r in res["rows"].items():
+            m = metrics["methods"][row_name] = row(r["scores"], res["storage"], **r["extra"])
+            routing = f", routing {m['routing_acc']:.4f}" if "routing_acc" in m else ""
+            log(f"evaluate: {row_name}: score {m['acc_avg']:.4f}, normalised {m['norm_acc_avg']:.4f}{routing}")
     metrics["task_metrics"] = {t: r["metric"] for t, r in results["experts"]["scores"].items()}
     if (lay.switches / "stats.json").exists():
         stats = json.loads((lay.switches / "stats.json").read_text())

@@ -1,14 +1,13 @@
 """merge: every method of ``merge.methods``; a static one writes a checkpoint, a dynamic one its per-task forms."""
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
 from mergeflow import methods
+from mergeflow.methods import MergeJob
 from mergeflow.errors import MergeflowError
 from mergeflow.io.atomic import write_json
 from mergeflow.io.checkpoint import Checkpoint
@@ -32,66 +31,34 @@ def run_unit(p: Params, lay: Layout, name: str, work: Path, log: Log) -> dict:
     base = Checkpoint(require(lay.checkpoints / "base", "download"))
     method = methods.get(name)
     dst = work / name
-    if name in ("tswitch", "autoswitch"):
-        # T-Switch's compact form is the switches themselves: the task model is built on load;
-        # Auto-Switch keeps its query set beside them.
-        dst.mkdir()
-        files = [f"{task}{SWITCH_SUFFIX}" for task in tasks] + ([QUERIES_NAME] if name == "autoswitch" else [])
-        for f in files:
-            shutil.copyfile(require(lay.switches / f, "compress"), dst / f)
-        storage = sum((dst / f).stat().st_size for f in files)
-        info = {"store": "switches", "drop": p.compress.drop}
-        if name == "autoswitch":
-            info |= {k: v for k, v in p.merge.hyper(name).items() if k != "drop"} | {"queries": p.compress.queries}
-    elif name in ("tvq", "rtvq"):
-        hp = p.merge.hyper(name)
-        storage, info = _quantised_merge(p, lay, name, hp, tasks, base, dst)
-    else:
-        hp = p.merge.hyper(name)
-        sources = [TaskVectors.from_vector(base, require(lay.vectors / f"{t}.safetensors", "extract")) for t in tasks]
-        with tempfile.TemporaryDirectory(dir=work, prefix=".exemplars-") as tmp:
-            data = exemplar_stats(p, lay, tasks, hp["exemplars"], base.names(), Path(tmp), log) \
-                if method.needs == "layer_inputs" else None
-            merge_to_disk(method, base, sources, hp, dst, resolve_device(p.device), metadata={"tasks": ",".join(tasks)},
-                          data=data)
-        n, itemsize = floating_params(base)
-        shapes = {k: tuple(base.shape(k)) for k in base.names() if base.tensor_dtype(k).is_floating_point}
-        storage = method.storage_bytes(n, len(tasks), itemsize, hp=hp, shapes=shapes)
-        info = {"store": "checkpoint" if not method.dynamic else "checkpoints", **hp}
+    device = resolve_device(p.device)
+    with tempfile.TemporaryDirectory(dir=work, prefix=".exemplars-") as tmp:
+        job = MergeJob(
+            tasks=tasks, base=base, hp=p.hyper(name), dst=dst, device=device,
+            vector=lambda t: require(lay.vectors / f"{t}.safetensors", "extract"),
+            switch=lambda t: require(lay.switches / f"{t}{SWITCH_SUFFIX}", "compress"),
+            queries=lambda: require(lay.switches / QUERIES_NAME, "compress"),
+            merge=lambda m, sources, hp, data=None: merge_to_disk(m, base, sources, hp, dst, device,
+                                                                  metadata={"tasks": ",".join(tasks)}, data=data),
+            layer_inputs=lambda n: exemplar_stats(p, lay, tasks, n, base.names(), Path(tmp), log),
+            log=log)
+        storage, info = (method.write or default_write)(method, job)
     meta = {"method": name, "dynamic": method.dynamic, "tasks": tasks, "storage_bytes": storage, **info}
     write_json(dst / "method.json", meta)
     log(f"merge: {name}: {storage:,} bytes stored")
     return meta
 
 
-def _quantised_merge(p: Params, lay: Layout, name: str, hp: dict, tasks: list[str], base: Checkpoint,
-                     dst: Path) -> tuple[int, dict]:
-    """TVQ / RTVQ as codecs: the task vectors are quantised into files (``dst/codes``: one
-    ``<task>.tvq`` per task, or one ``tasks.rtvq``), and the wrapped merge reads its task vectors
-    back from those files one tensor at a time. Storage is the files' payload."""
-    from mergeflow.codecs.quant import QuantReader, save_rtvq_from, save_tvq_from
-    from mergeflow.methods.tvq import inner
-
-    vectors = [Checkpoint(require(lay.vectors / f"{t}.safetensors", "extract")) for t in tasks]
-    codes = Path(tempfile.mkdtemp(prefix=f".{name}-codes.", suffix=".tmp", dir=dst.parent))
-    try:
-        if name == "tvq":
-            stats = save_tvq_from(vectors, hp["bits"], codes, tasks)
-            views = [QuantReader(codes / f"{t}.tvq").task() for t in tasks]
-        else:
-            stats = [save_rtvq_from(vectors, hp["base_bits"], hp["offset_bits"], codes / "tasks.rtvq",
-                                    {"tasks": ",".join(tasks)})]
-            reader = QuantReader(codes / "tasks.rtvq")
-            views = [reader.task(i) for i in range(len(tasks))]
-        method, options = inner(hp)
-        merge_to_disk(method, base, [TaskVectors(base, v, True) for v in views], options, dst, resolve_device(p.device),
-                      metadata={"tasks": ",".join(tasks)})
-        os.replace(codes, dst / "codes")
-    finally:
-        shutil.rmtree(codes, ignore_errors=True)
-    storage = sum(st.payload_bytes for st in stats)
-    return storage, {"store": "checkpoint", "codes": sorted(f.name for f in (dst / "codes").iterdir()),
-                     "codes_file_bytes": sum(st.file_bytes for st in stats), **hp}
+def default_write(method: methods.Method, job: MergeJob) -> tuple[int, dict]:
+    """The engine over the extracted task vectors into a checkpoint (one per task if dynamic),
+    with the exemplars' statistics for a method that needs them; storage from the method."""
+    sources = [TaskVectors.from_vector(job.base, job.vector(t)) for t in job.tasks]
+    data = job.layer_inputs(job.hp["exemplars"]) if method.data == "layer_inputs" else None
+    job.merge(method, sources, job.hp, data=data)
+    n, itemsize = floating_params(job.base)
+    shapes = {k: tuple(job.base.shape(k)) for k in job.base.names() if job.base.tensor_dtype(k).is_floating_point}
+    storage = method.storage_bytes(n, len(job.tasks), itemsize, hp=job.hp, shapes=shapes)
+    return storage, {"store": "checkpoint" if not method.dynamic else "checkpoints", **job.hp}
 
 
 def exemplar_stats(p: Params, lay: Layout, tasks: list[str], n: int, names: list[str], folder: Path,
