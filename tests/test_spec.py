@@ -26,7 +26,10 @@ def test_dvc_yaml_says_what_each_stage_reads_and_runs():
         assert st["cmd"] == f"mergeflow stage {name}"
         assert st["params"] == list(spec.SPEC[name].params)
         code = {d for d in st["deps"] if d.startswith("mergeflow/")}
-        assert code == _rel(spec.code_files(name))
+        assert code == set(spec.code_deps(name))
+        listed = {f for f in _rel(spec.code_files(name)) if not f.startswith("mergeflow/methods/")}
+        assert listed == {d for d in code if d != "mergeflow/methods"}
+        assert "mergeflow/methods" in code  # a folder: a new method file is a dep without editing dvc.yaml
         assert f"mergeflow/stages/{name}.py" in code
         assert not {f"mergeflow/stages/{other}.py" for other in STAGES if other != name} & code
 
@@ -63,3 +66,25 @@ def test_the_digest_moves_with_the_code_only(tmp_path, monkeypatch):
     finally:
         spec.code_files.cache_clear()
     assert [s for s in STAGES if before[s] != after[s]] == ["merge"]
+
+
+def test_a_new_method_file_is_part_of_every_stage_that_loads_the_registry(tmp_path, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "mergeflow"
+    shutil.copytree(spec.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(spec, "PACKAGE", copy)
+    spec.code_files.cache_clear()
+    try:
+        before = {s: spec.code_digest(s) for s in STAGES}
+        (copy / "methods" / "new_method.py").write_text('"""A new method."""\n')
+        files = {s: _rel(spec.code_files(s)) for s in STAGES}
+        spec.code_files.cache_clear()
+        after = {s: spec.code_digest(s) for s in STAGES}
+        deps = {s: spec.code_deps(s) for s in STAGES}
+    finally:
+        spec.code_files.cache_clear()
+    loading = [s for s in STAGES if "mergeflow/methods/__init__.py" in files[s]]
+    assert loading == list(STAGES)  # every stage validates params.yaml, which loads the registry
+    assert [s for s in STAGES if before[s] != after[s]] == loading
+    assert all("mergeflow/methods" in deps[s] and not any(d.startswith("mergeflow/methods/") for d in deps[s]) for s in loading)

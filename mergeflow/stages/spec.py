@@ -2,7 +2,9 @@
 
 A stage's **code** is its module and every mergeflow module it imports, transitively: import
 statements anywhere in a module (also inside functions), and module names written as strings
-(the families' and methods' tables, loaded with importlib). The stage modules themselves are
+(the families' table, loaded with importlib), and every module of a package that imports all
+of its modules (``pkgutil.iter_modules``: mergeflow/methods, where a new method is a new file;
+dvc.yaml lists such a package as one folder). The stage modules themselves are
 loaded by name (``mergeflow.stages.units``), so one stage's code never includes another's.
 ``mergeflow run`` (tasks/cache.py) and ``dvc repro`` (dvc.yaml's ``deps``) both use this table,
 so they agree on what is stale. ``python -m mergeflow.stages.spec`` rewrites dvc.yaml.
@@ -61,11 +63,19 @@ def _file(module: str) -> Path | None:
     return PACKAGE / "__init__.py" if module == "mergeflow" else None
 
 
+def discovers(path: Path) -> bool:
+    """Whether ``path`` is a package ``__init__`` that imports every module beside it."""
+    return path.name == "__init__.py" and "pkgutil.iter_modules" in path.read_text()
+
+
 def _imported(path: Path, module: str) -> set[str]:
     """The mergeflow modules ``path`` (module ``module``) names in imports or as strings."""
-    tree = ast.parse(path.read_text(), str(path))
+    text = path.read_text()
+    tree = ast.parse(text, str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
+    if discovers(path):
+        found.update(f"{module}.{f.stem}" for f in path.parent.glob("*.py") if f.name != "__init__.py")
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -95,6 +105,18 @@ def code_files(stage: str) -> tuple[Path, ...]:
             seen.add(name)
             todo.extend(_imported(_file(name), name) - seen)
     return tuple(sorted({_file(m) for m in seen}))
+
+
+def code_deps(stage: str) -> list[str]:
+    """The stage's code as dvc.yaml lists it: files, and a discovering package as its folder."""
+    deps: list[str] = []
+    for f in code_files(stage):
+        package = f.parent / "__init__.py"
+        dep = f.parent if package.is_file() and discovers(package) else f
+        rel = dep.relative_to(PACKAGE.parent).as_posix()
+        if rel not in deps:
+            deps.append(rel)
+    return deps
 
 
 def code_digest(stage: str) -> str:
@@ -134,7 +156,7 @@ def dvc_yaml() -> str:
     for stage in STAGES:
         lines += [f"  {stage}:", f"    cmd: mergeflow stage {stage}", "    deps:"]
         lines += [f"      - {rel(p)}" for p in reads(stage, lay)]
-        lines += [f"      - {f.relative_to(PACKAGE.parent).as_posix()}" for f in code_files(stage)]
+        lines += [f"      - {dep}" for dep in code_deps(stage)]
         lines += ["    params:"] + [f"      - {k}" for k in SPEC[stage].params]
         if stage == "evaluate":  # artifacts/eval: its metrics and plots, kept in git rather than the DVC cache
             lines.append(_EVALUATE_EXTRA.rstrip("\n"))
