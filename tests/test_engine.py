@@ -198,7 +198,7 @@ def test_cuda_matches_cpu(models):
                                       ("ties", {"density": 1.0}), ("ties", {"density": 0.0})])
 def test_blockwise_equals_whole_tensor(monkeypatch, name, hp):
     """Block-wise methods give what the method computes on whole tensors, for any block size."""
-    import mergeflow.merge as engine
+    import mergeflow.merge.engine as engine
 
     g = torch.Generator().manual_seed(5)
     base = {"w": torch.randn(37, 11, generator=g), "v": torch.randn(50, generator=g).round(decimals=1)}

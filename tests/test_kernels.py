@@ -222,7 +222,7 @@ def test_read_buffers_are_reused_and_merge_results_survive_reuse(tmp_path, ckpts
 def test_parallel_reads_into_reused_buffers_give_every_input_its_own_memory(tmp_path, ckpts, monkeypatch):
     """Several tensors through the engine's read path (two reader threads, reused buffers):
     every input arrives bit for bit as stored, and no two inputs of a tensor share memory."""
-    from mergeflow.merge import _prefetched
+    from mergeflow.merge.reading import _prefetched
 
     b, fts = ckpts
     base = Checkpoint(b)

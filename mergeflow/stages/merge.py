@@ -81,7 +81,7 @@ def exemplar_stats(p: Params, lay: Layout, tasks: list[str], n: int, names: list
         ckpt_name = _checkpoint_names(model, fam.tensors(model), set(names))
         stats = layer_input_stats(model, lambda: fam.predict(model, task, data, rows), list(ckpt_name))
         stats = {ckpt_name[k]: v for k, v in stats.items()}
-        del model
+        model = None  # free the expert before the next one is built
         save_stats(folder / f"{task}.safetensors", stats)
         del stats
         out.append(StatsFile(folder / f"{task}.safetensors"))
