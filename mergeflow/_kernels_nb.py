@@ -1,7 +1,9 @@
 """The numba kernels behind ``mergeflow.kernels`` (imported lazily: numba costs ~0.2 s to import).
 
 Top-level functions only: numba caches compiled code on disk per function, and a closure's
-cache entry would never be found again.
+cache entry would never be found again. Over 400 lines on purpose, as one module: the merge
+kernels and the switch runtime's LLVM intrinsics share the overloads and helpers at the top,
+and numba resolves them only inside the module where they are defined.
 """
 import numpy as np
 import numba as nb
