@@ -5,15 +5,13 @@
 
 * ``mergeflow-run/<name>``: the flow below on the work pool ``--pool`` (default ``mergeflow``), with
   the params file's absolute path as its parameter and the ``--cron`` schedule. Each run reads and
-  validates the params file as it is then, exactly as ``mergeflow run --params FILE`` does, so an edit
-  to the file needs no redeploy and dvc.lock records the params that ran.
+  validates the params file as it is then, exactly as ``mergeflow run --params FILE`` does.
 * ``mergeflow-stage/<run.gpu.pool>``: the stage flow of ``flows/remote.py`` on the GPU pool, which
   the pipeline calls for every stage in ``run.gpu.stages``.
 
-Both pools are created as process pools when missing. Workers (``prefect worker start --pool ...``)
-execute the runs; the Prefect server's scheduler creates the scheduled ones. ``mergeflow serve``
-instead serves ``mergeflow-run/<name>`` from the foreground process (``flow.serve``), no pool or
-worker needed for the pipeline itself.
+Both pools are created as process pools when missing; workers run the flow runs, the server's
+scheduler creates the scheduled ones. ``mergeflow serve`` instead serves ``mergeflow-run/<name>``
+from the foreground process (``flow.serve``). Details: docs/team.md, sections 2 and 3.
 """
 from __future__ import annotations
 

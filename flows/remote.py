@@ -4,19 +4,15 @@ workers sit on GPU machines, and waits for it.
 
 Artifacts reach the worker one of two ways (``run.gpu.transfer``):
 
-* ``shared``: through the workspace path, passed as a parameter. The worker reads the stage's
-  inputs and writes its outputs and stamp at that path, so it must name the same files on the
-  worker's machine (the same machine, or a shared filesystem mounted at the same path).
-* ``dvc``: through the DVC remote ``run.dvc_remote`` (tasks/transfer.py). The pipeline pushes
-  the stage's inputs, the worker pulls them into its own copy of the workspace under
-  ``run.gpu.workspace``, runs the stage, pushes the outputs, and the pipeline pulls them back.
-  Nothing but the remote and the Prefect server is shared.
+* ``shared``: through the workspace path, passed as a parameter; it must name the same files
+  on the worker's machine (the same machine, or a shared filesystem mounted at the same path).
+* ``dvc``: through the DVC remote ``run.dvc_remote`` (tasks/transfer.py), the worker keeping its
+  own copy of the workspace under ``run.gpu.workspace``; only the remote and the Prefect server
+  are shared.
 
-Either way the worker reports what it did as a Prefect artifact of its flow run (key
-``mergeflow-stage-result``: visible in the UI, read back by the pipeline). The code comes from
-the deployment's source directory (``mergeflow deploy`` records this checkout's path), which
-must hold the same mergeflow on the worker: the stage refuses to run otherwise, since its stamp
-would vouch for outputs made by other code.
+The worker reports what it did as a Prefect artifact (key ``mergeflow-stage-result``). Its code
+comes from the deployment's source directory, which must hold the same mergeflow: the stage
+refuses to run otherwise. Details: docs/team.md, section 4 (``run.gpu``).
 """
 from __future__ import annotations
 

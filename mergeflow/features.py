@@ -1,20 +1,16 @@
 """Layer-input statistics of a model on a few exemplars, for data-driven merges (CAT Merging).
 
-Forward pre-hooks on the model's linear and normalisation layers collect, per parameter name:
+Forward pre-hooks on the model's linear and normalisation layers collect, per parameter name
+(the model's own ``named_parameters`` names):
 
-* ``linear`` (a ``nn.Linear`` weight, shape ``out x in``): the input Gram matrix
-  ``X^T X / N`` (``in x in``) over the N input rows (every token of every exemplar);
-* ``scale`` (a LayerNorm / RMSNorm weight, shape ``d``): the mean of the squared normalised
-  input ``x_hat^2`` per dimension (what multiplies the scale);
-* ``shift`` (a bias of either): the constant 1, per dimension (a shift adds to every row).
+* ``linear`` (an ``nn.Linear`` weight, ``out x in``): the input Gram matrix ``X^T X / N``;
+* ``scale`` (a LayerNorm / RMSNorm weight): the mean of ``x_hat^2`` per dimension;
+* ``shift`` (a bias of either): the constant 1, per dimension.
 
-Accumulated in float64 on the CPU. Linear layers fed the very same input tensor one after the
-other (an attention's q/k/v projections, an MLP's gate/up) share one matrix. Memory: one
-``in x in`` matrix per distinct linear input (a ViT-B/32 holds about 100 MB of them in float64,
-Qwen2.5-0.5B about 5 GB, mostly its 4864-wide MLP inputs). ``save_stats`` writes them to a
-safetensors file (float32) and ``StatsFile`` reads them back one tensor at a time, so a merge
-holds only the current tensor's statistics of every task. Parameter names are the model's own
-(``model.named_parameters``), which is how every family names its tensors.
+Accumulated in float64 on the CPU; linear layers fed the same input tensor share one matrix.
+``save_stats`` writes them to a safetensors file (float32) and ``StatsFile`` reads them back
+one tensor at a time, so a merge holds only the current tensor's statistics of every task.
+Details (what each statistic is, memory use): docs/internals.md#features.
 """
 from __future__ import annotations
 

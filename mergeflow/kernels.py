@@ -1,25 +1,16 @@
 """Fused CPU kernels for the engine's hot loops (numba, compiled once and cached on disk).
 
-The torch path of a block-wise merge spends most of its time in memory traffic between
-small elementwise ops: widen bf16 to float32, subtract the base, take |tau|, compare, mask,
-sum, ... each a pass over the block. These kernels do the whole per-element recipe in one
-pass over tiles that stay in L1, reading the checkpoints' own dtype (bfloat16 bits as
-uint16, or float32) and releasing the GIL, so the engine's block threads run them in
-parallel. Arithmetic is float32 in the same order as the torch code it replaces (no
-fast-math), so the two agree to the last bit or within an FMA's rounding.
-
-Kernels:
-  ``linear_block``  out = base + sum_t w_t * tau_t          (Task Arithmetic, weight averaging)
-  ``ties_block``    out = base + s * disjoint_mean(trim_t(tau_t))  (TIES with known thresholds)
-  ``kth_abs_tau``   exact k-th largest |tau| of one tensor, tau never materialised: a sampled
-                    bracket and one counting pass that gathers the few keys inside it, or
-                    (if the bracket misses) radix histograms over narrowing key ranges.
+Each kernel does a block-wise merge's whole per-element recipe in one pass over tiles that
+stay in L1, reading the checkpoints' own dtype (bfloat16 bits as uint16, or float32) and
+releasing the GIL; float32 arithmetic in the torch code's order (no fast-math). Kernels:
+``linear_block`` (Task Arithmetic, weight averaging), ``ties_block`` (TIES with known
+thresholds), ``kth_abs_tau`` (exact k-th largest |tau| of one tensor, tau never materialised).
 
 ``MERGEFLOW_KERNELS`` picks where the engine uses them: ``auto`` (default) wherever they
-pay for numba's one-time start-up in the process (~0.6 s: its import and loading the cached
-machine code; a method states from how many elements x tasks on, selection always pays),
-``numba`` everywhere they apply, ``torch`` nowhere. The engine falls back to torch ops where
-they do not apply (CUDA, float16/float64 inputs, mixed task-vector sources).
+pay for numba's one-time start-up in the process (~0.6 s), ``numba`` everywhere they apply,
+``torch`` nowhere. The engine falls back to torch ops where they do not apply (CUDA,
+float16/float64 inputs, mixed task-vector sources).
+Why, each kernel's formula and algorithm: docs/internals.md#kernels.
 """
 from __future__ import annotations
 

@@ -1,28 +1,15 @@
 """Depth of each parameter in a transformer's block stack, from the parameter names alone.
 
 ``layer_depths(names)`` maps every name to ``(l, L)``: the 0-based index l of the block it
-belongs to among the L blocks of the model's main block stack. LiNeS (Wang et al., ICLR 2025)
-scales the update of block l by alpha + beta * l / (L - 1).
-
-Block stacks are recognised by a component ``<kind>.<i>.`` with ``kind`` one of ``layers``
-(CLIP ``vision_model.encoder.layers.<i>.``, LLaMA/Qwen ``model.layers.<i>.``, also inside a
-PEFT LoRA name ``base_model.model.model.layers.<i>.q_proj.lora_A.weight``), ``layer``
-(BERT/RoBERTa ``roberta.encoder.layer.<i>.``), ``h`` (GPT-2 ``transformer.h.<i>.``),
-``blocks`` (timm ViT) or ``resblocks`` (open_clip ``visual.transformer.resblocks.<i>.``).
-A stack is identified by everything before the index (``vision_model.encoder.layers``), so
-nested or parallel stacks are told apart; the *main* stack is the one with the most
-distinct indices (on a tie, the one whose first name comes first). L = its largest index + 1
-(the blocks' positions in the network, even if some block has no parameter listed).
-
-Names outside the main stack get depth 0, the first block's, whatever side of the stack they
-are on: embeddings, pre-norms, the final norm, the projection, heads (``lm_head``,
-``classifier``, ``visual_projection``), and any other stack. This is what the LiNeS authors'
-code does (github.com/wang-kee/LiNeS, ``LiNeS_scaling``: a parameter matching no
-``.<i>.`` block is scaled by ``layer_scalings_dict.get(k, alpha)``, i.e. alpha, the first
-block's factor; for CLIP ViT that covers the patch/class/position embeddings, ``ln_pre``,
-``ln_post`` and ``proj``).
+belongs to among the L blocks of the model's main block stack (LiNeS scales the update of
+block l by alpha + beta * l / (L - 1)). Block stacks are components ``<kind>.<i>.`` with
+``kind`` one of ``layers``, ``layer``, ``h``, ``blocks``, ``resblocks``, identified by
+everything before the index; the main stack is the one with the most distinct indices, and
+L = its largest index + 1. Names outside the main stack (embeddings, norms, the projection,
+heads, other stacks) get depth 0, the first block's, as in the LiNeS authors' code.
 
 No stack in the names is a one-line ``MergeflowError``. Pure: no model is loaded.
+Details (examples per architecture, ties, the authors' code): docs/internals.md#layers.
 """
 from __future__ import annotations
 

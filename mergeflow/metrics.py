@@ -6,14 +6,10 @@ metrics.json (a contract)::
                             "storage_bytes": int, "storage_ratio": float}},
      "experts": {...same shape...}, "base": {...same shape...}}
 
-``acc`` holds each task's score under its family's metric (``task_metrics`` names it per task):
-top-1 accuracy, a fraction in [0, 1], for vision; a GLUE metric for text (Matthews and the
-correlations can be negative); 1/perplexity for causal LMs. A family's further figures sit
-beside it per task (e.g. ``"perplexity": {"<task>": float}``, ``"f1": {...}``).
-``norm_acc_avg`` averages acc_method/acc_expert over tasks (0 where the expert scores <= 0);
-``storage_bytes`` counts what a method keeps besides the shared pretrained base (which every
-method starts from) and the per-task heads (which every method keeps alike); ``storage_ratio``
-divides it by the bytes of the float32 task vectors of all tasks.
+``acc`` holds each task's score under its family's metric (``task_metrics`` names it per
+task); ``norm_acc_avg`` averages acc_method/acc_expert over tasks; ``storage_bytes`` counts
+what a method keeps besides the shared base and the per-task heads; ``storage_ratio`` divides
+it by the bytes of the float32 task vectors of all tasks. Each key in full: docs/metrics.md.
 """
 from __future__ import annotations
 

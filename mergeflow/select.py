@@ -1,33 +1,18 @@
 """Exact magnitude thresholds without sorting: radix select on the float bit patterns.
 
-For non-negative IEEE floats the bit pattern, read as a signed integer of the same width, is
-ordered like the value, so the k-th largest value is the k-th largest integer key. We find it
-digit by digit (16 bits at a time): a histogram of the top digit names the bucket holding the
-k-th largest and its rank inside it; the next digit's histogram over only that bucket's keys
-narrows it further, and so on, exactly (ties, zeros, denormals and +inf are ordinary keys).
-float16 and bfloat16 keys are one digit, float32 two, float64 four (float64 is selected
-exactly, not rounded to float32).
+For non-negative IEEE floats the bit pattern, read as a signed integer, is ordered like the
+value, so the k-th largest value is found exactly, digit by digit (16 bits at a time), from
+histograms (ties, zeros, denormals and +inf are ordinary keys; float64 is selected exactly).
+A large float32/float64 tensor first tries a sampled bracket; if it misses, the streaming
+radix select runs instead, so the sample changes the speed, never the answer.
 
-A large float32/float64 tensor takes a shortcut first: a strided sample brackets the k-th
-largest between two sample values, one pass counts the keys at or above the bracket and
-gathers the few inside it (or, if the bracket is one value, just counts), and the radix
-select finishes on that small set. If the bracket misses (the counts disagree, or too many
-keys fall inside) the streaming radix select runs instead, so the sample changes the speed,
-never the answer. Passes stream the input in chunks, so temporaries stay small.
-
-On the CPU, float32 and bfloat16 go to the fused numba kernel of ``mergeflow.kernels`` (the
-same sampled bracket and radix passes, compiled: no chunk temporaries); the rest of this
-module is the portable path (CUDA, float16/float64, and MERGEFLOW_KERNELS=torch).
-
-One algorithm, two array back ends: on CUDA the chunks are torch tensors; on CPU they are
-zero-copy numpy views, because numpy's SIMD comparisons, counts and boolean gathers measured
-3-6x faster than torch's CPU kernels, and being single-threaded they do not stall the way
-torch's thread pool does on a busy machine (a chunk loop of small parallel torch ops ran 10x
-slower under load in our measurements). The code below uses only operators the two share,
-plus the three helpers ``_count``, ``_cat`` and ``_bincount``.
+On the CPU, float32 and bfloat16 go to the fused numba kernel of ``mergeflow.kernels``; this
+module is the portable path (CUDA, float16/float64, and MERGEFLOW_KERNELS=torch): one
+algorithm on torch tensors (CUDA) or zero-copy numpy views (CPU), using only operators the
+two share plus the helpers ``_count``, ``_cat`` and ``_bincount``.
 
 -0.0 counts as zero (its sign bit is cleared). NaN and negative values raise ValueError,
-found by one ``aminmax`` reduction.
+found by one ``aminmax`` reduction. The algorithm and back ends: docs/internals.md#select.
 """
 from __future__ import annotations
 

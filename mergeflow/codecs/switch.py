@@ -8,13 +8,10 @@ name. B is stored in one of two encodings, chosen per tensor (``auto``: the smal
 - ``ans``: the ternary symbols entropy-coded with rANS (``constriction``) under the tensor's
   own symbol frequencies: about H(q) + q bits/param, the floor for a keep fraction q.
 
-docs/switch-format.md specifies the bytes; the short form: safetensors metadata ``format``,
-``format_version`` and ``index_crc32``; tensors ``index`` (uint8: the zlib-compressed JSON
-index), ``payload`` (uint8: every binarised tensor's encoding, concatenated in index order),
-``scales`` (float32, one per binarised tensor in index order) and ``dense/<name>``. The index
-holds a CRC-32 of every stored tensor, so a corrupt file fails loudly on load. Keeping the
-per-tensor details in one compressed index keeps the container's overhead to about a kilobyte,
-which matters for small models where a per-tensor safetensors header would rival the bits.
+The container: metadata ``format``, ``format_version``, ``index_crc32``; tensors ``index``
+(the zlib-compressed JSON index), ``payload``, ``scales`` and ``dense/<name>``. The index holds
+a CRC-32 of every stored tensor, so a corrupt file fails loudly on load.
+The bytes, sizes, versions and a worked example: docs/switch-format.md.
 """
 from __future__ import annotations
 

@@ -1,23 +1,16 @@
 """What mergeflow may replace: the one rule every write obeys.
 
-mergeflow replaces only what it wrote itself, and never writes over or inside its inputs:
+mergeflow replaces only what it wrote itself, and never writes over or inside its inputs.
+A directory it writes carries a marker file, ``.mergeflow-output``, listing every file it put
+there (and the output's kind); a file it writes is recognised by its own content (a
+``mergeflow.*`` safetensors container) or by the marker of the directory it lies in. A
+directory is never written where a file is, nor the reverse; a symbolic link is never
+replaced; an output may not be, contain, or lie inside any input.
 
-* A **directory** it writes carries a marker file, ``.mergeflow-output``, listing every file it
-  put there (and the output's kind). An existing directory is replaced only when it is empty,
-  or when its marker is there, names the same kind, and lists every file the directory holds
-  now: a file someone added since is never deleted.
-* A **file** it writes is recognised by its own content (a safetensors container whose
-  ``__metadata__.format`` is ``mergeflow.*``: switch and TVQ files), or by the directory it lies
-  in: a mergeflow output directory whose marker lists it, or a tree mergeflow keeps (a marker
-  of kind ``tree``: a workspace's ``artifacts/`` and ``.mergeflow/`` folders).
-* A directory is never written where a file is, nor the reverse; a symbolic link is never
-  replaced.
-* An output may not be, contain, or lie inside any input (:func:`claim`, called by each command
-  before any work, given its inputs).
-
-:mod:`mergeflow.io.atomic` checks :func:`check_replaceable` at the moment of every rename, so no
-writer can bypass the rule; commands call :func:`claim` first so that a refusal comes before any
-work. Every refusal is a one-line :class:`MergeflowError` naming the path and the reason.
+:mod:`mergeflow.io.atomic` checks :func:`check_replaceable` at the moment of every rename, so
+no writer can bypass the rule; commands call :func:`claim` first, given their inputs, so that
+a refusal comes before any work. Every refusal is a one-line :class:`MergeflowError` naming
+the path and the reason. The rule in full: docs/internals.md#outputs.
 """
 from __future__ import annotations
 

@@ -1,35 +1,16 @@
 """CABS (Yang et al., ICML 2025, "CABS: Conflict-Aware and Balanced Sparsification for
 Enhancing Model Merging"): disjoint n:m masks built task after task, then a weighted sum.
 
-Per tensor, flattened in row-major order and cut into blocks of m consecutive entries:
+Per tensor, flattened row-major and cut into blocks of m consecutive entries, tasks are
+pruned one after another in ``order``: in every block task t keeps the n entries of largest
+|tau_t| among the positions no earlier task kept (balanced and conflict-aware
+sparsification), so the masks are disjoint. Merged: theta_0 + sum_t lambda_t * mask_t * tau_t
+(``scaling``: one lambda for every task or a list with one per task, in task order).
 
-1. Balanced sparsification (BS), n:m pruning: in every block a task keeps the n entries of
-   largest |tau_t| (so each block, hence each layer, keeps the same share n/m).
-2. Conflict-aware sparsification (CA), sequential: tasks are pruned one after another in
-   ``order``; task t chooses only among the positions no earlier task kept
-   (tau_t' = tau_t * (1 - mask_1 - ... - mask_{t-1}), then n:m on tau_t'), so the masks are
-   disjoint and the merged entries never conflict.
-3. Merge: theta_0 + sum_t lambda_t * mask_t * tau_t (``scaling``: one lambda for every task
-   or a list with one per task, in task order).
-
-This is the authors' algorithm (github.com/zongzhenyang/CABS, prune_task_vector*.py:
-``param2 *= (1 - mask1)`` then n:m pruning; mergekit's ``cabs`` method for any number of
-models). Project choices where the code leaves room, all exact and device independent:
-- ties: inside a block, equal magnitudes are taken in index order (the earlier entry first);
-- a block with fewer candidates than its quota (when T * n > m, the later tasks in ``order``
-  find blocks already taken) keeps all its candidates and never a position another task
-  holds: masks stay disjoint, the later tasks keep less. With T * n <= m (the default
-  density min(0.25, 1/T) guarantees it) every task keeps exactly its quota;
-- the tail: when the tensor's size is not a multiple of m, the last r < m entries form one
-  short block whose quota is floor(n * r / m) (the project's int(density * numel) rule, so a
-  tensor smaller than m keeps int(density * numel) entries, and a 0-dim tensor none).
-A task's quota on a tensor is therefore (numel // m) * n + floor(n * (numel % m) / m).
-
-Defaults: m = 256 and n = 64 for two tasks (density 0.25, the 75% sparsity of the authors'
-released 7B merges, ``--n 64 --m 256``); with T tasks the default keeps
-int(min(0.25, 1/T) * m) per block so that all T quotas fit (8 tasks: 32 of 256). Give
-``density`` (n = floor(density * m)) or ``n``, not both. ``scaling`` 1.0: the authors tune
-lambda per task (RoBERTa-GLUE grid 0.4 ... 0.9; their 7B release uses 1.2).
+Defaults: m = 256, n = int(min(0.25, 1/T) * m) per block (two tasks: 64 of 256, as the
+authors' released 7B merges; 8 tasks: 32). Give ``density`` (n = floor(density * m)) or
+``n``, not both. ``scaling`` 1.0 (the authors tune lambda per task).
+Ties, the short tail block, quotas, the authors' code: docs/method-notes.md#cabs.
 """
 from __future__ import annotations
 

@@ -7,14 +7,9 @@ singular triplets:
 
     theta = theta_avg + ``scaling`` * sum_t SVD_k(theta_t - theta_avg)
 
-per 2-D tensor, k = ceil(``rank_ratio`` * r), r = min(m, n) (ceil as the public
-implementations; k = r gives weight averaging, k = 0 theta_avg as well). Other tensors:
-theta_avg. In task-vector terms (what the engine adds to theta_0):
-mean_t tau_t + ``scaling`` * sum_t SVD_k(tau_t - mean_s tau_s).
-
-Defaults: ``rank_ratio`` 0.08, the rank the paper finds best (about 8% of the full rank,
-consistently across settings); ``scaling`` (the paper's lambda) 1.0: the paper tunes lambda
-like task arithmetic's coefficient, and 1.0 is the public implementations' default.
+per 2-D tensor, k = ceil(``rank_ratio`` * r), r = min(m, n); other tensors: theta_avg.
+Defaults: ``rank_ratio`` 0.08 (the paper's best), ``scaling`` (the paper's lambda) 1.0.
+Details (k's edge cases, the task-vector form, the defaults' sources): docs/method-notes.md#cart.
 """
 from __future__ import annotations
 

@@ -3,31 +3,15 @@ Conflicts in Model Merging"): trim the conflict-prone components of each task ve
 Task Arithmetic.
 
 Knowledge conflict of task i on task k at one layer: how much tau_i moves task k's layer
-outputs, against how much tau_i matters to task i itself, measured on a few exemplars per
-task (their layer inputs X_t; ``mergeflow.features``). Per parameter kind:
+outputs, against how much tau_i matters to task i itself (weighted by ``tradeoff``, the
+paper's lambda), measured on ``exemplars`` train rows per task (their layer inputs,
+``mergeflow.features``; the engine takes them as ``data=``). For each task k the top-``c``
+conflict directions (linear weights: eigenvectors; norm scales and biases: dimensions) are
+removed from every other task's vector; other tensors are untouched.
+Merged: theta_0 + ``scaling`` * sum_t trimmed tau_t.
 
-* linear weight W (torch layout ``out x in``, y = x W^T), input Gram G_t = X_t^T X_t / N_t:
-  removal basis of task k, B_k = the top-``c`` eigenvectors (positive eigenvalues only) of
-  M_k = sum_{i != k} tau_i (G_k - ``lambda`` G_i) tau_i^T, the maximiser of
-  sum_{i != k} ||X_k tau_i^T B B^T||^2 - lambda ||X_i tau_i^T B B^T||^2 over orthonormal B
-  (out x c) -- the paper's objective with its f(X; W) = X W, W = our W^T. Every other task's
-  vector loses its components along B_k: tau_i <- (I - B_k B_k^T) tau_i for each k != i, in
-  task order (a product of projections: never longer than tau_i).
-* normalisation scale gamma (y = x_hat * gamma), s_t = mean x_hat^2 per dimension: per
-  dimension, score_k = sum_{i != k} tau_i^2 (s_k - lambda s_i); the top-``c`` dimensions
-  with a positive score are masked out of every other task's vector.
-* shift (a bias; y = x + beta): the same with s_t = 1, so score_k = (1 - lambda)
-  sum_{i != k} tau_i^2: with lambda >= 1 no bias is trimmed.
-* any other tensor (embeddings, convolutions, tensors no exemplar reached): untouched.
-
-Merged: theta_0 + ``scaling`` * sum_t trimmed tau_t. The exemplars' statistics come from each
-fine-tuned expert on ``exemplars`` train rows of its own task (the pipeline computes them;
-the engine takes them as ``data=``). ``c`` and ``lambda`` are ours to tune (the paper tunes
-them per model, and METHODS.md gives none): the defaults c = 4, lambda = 0.25 were the best
-of a small grid (c 2-16, lambda 0.1-2, scaling 0.2-0.5) on the built-in zoo, scored on 300
-test rows per task -- normalised accuracy 0.673 against Task Arithmetic's 0.507 there.
-Cost: the linear case does T^2 products of (out x in x in) per layer and one eigh per task of
-size min(out, (T-1) in): fine on a GPU for ViT-B, slow on a CPU for big models.
+Defaults c = 4, ``tradeoff`` 0.25 (the best of a small grid on the built-in zoo), ``scaling``
+0.3. Slow on a CPU for big models. Formulas, the grid, the cost: docs/method-notes.md#cat.
 """
 from __future__ import annotations
 

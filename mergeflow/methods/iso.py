@@ -1,30 +1,17 @@
 """Isotropic merging (Marczak et al., ICML 2025, "No Task Left Behind"): Iso-C and Iso-CTS.
 
-Per 2-D tensor (``_svd.is_matrix``) of shape m x n, r = min(m, n), Delta = sum_t tau_t =
-U diag(sigma) V^T:
+Per 2-D tensor (``_svd.is_matrix``), r = min(m, n), Delta = sum_t tau_t = U diag(sigma) V^T:
 
 - ``iso_c``: ``scaling`` * sigma_bar U V^T with sigma_bar = (1/r) sum_{i<=r} sigma_i (every
   singular value replaced by their mean).
-- ``iso_cts``: common subspace k = int(r * ``common_fraction``), then adjusted as the authors'
-  code does so that the rest divides evenly among the T tasks: s = round((r - k) / T) per
-  task (Python's round), k = r - sT. Common part U[:, :k], sigma[:k], V[:, :k]; each task's
-  specific part: the top s triplets of (I - U_k U_k^T) tau_t (its component orthogonal to
-  the common left subspace). U_* = [U_k | U_1,s | ... | U_T,s], V_* likewise, both
-  orthogonalised (U_perp = P Q^T from U_* = P D Q^T, as TSV-M); isotropic value
-  sigma_bar = (1/r)(sum of the k common and the sT task-specific singular values);
-  result ``scaling`` * sigma_bar U_perp V_perp^T.
-- Other tensors: ``scaling`` * mean_t tau_t (the authors average them and scale the whole
-  merged vector by alpha).
+- ``iso_cts``: a common subspace of Delta (about ``common_fraction`` of the rank) plus each
+  task's top directions orthogonal to it, orthogonalised as TSV-M, with the isotropic value.
+- Other tensors: ``scaling`` * mean_t tau_t.
 
-``scaling`` is alpha in theta_0 + alpha Delta_Iso. The paper selects alpha on held-out
-validation data per setting and its public code and configs (github.com/danielm1405/iso-merging)
-fix no value; the default 1.0 is FusionBench's default for both methods (its
-``config/method/isotropic_merging/iso_c.yaml`` and ``iso_cts.yaml``). ``common_fraction`` 0.8 is
-the authors' config value (``config/method/iso_cts.yaml``).
-
-Directions whose singular value is numerically zero (see ``_svd``) get weight 0: their
-singular vectors are arbitrary. The authors' code gives them sigma_bar too; the two agree for
-numerically full-rank matrices (any real fine-tune).
+``scaling`` is alpha in theta_0 + alpha Delta_Iso, default 1.0 (FusionBench's default);
+``common_fraction`` 0.8 (the authors' config). Directions whose singular value is numerically
+zero (see ``_svd``) get weight 0.
+The rank split, the defaults' sources, the authors' code: docs/method-notes.md#iso.
 """
 from __future__ import annotations
 

@@ -1,36 +1,17 @@
 """LiNeS (Wang et al., ICLR 2025, "LiNeS: Post-training Layer Scaling Prevents Forgetting and
 Enhances Model Merging"): layer-increasing scaling of a merged task vector.
 
-For multi-task merging the paper replaces the base method's single coefficient by one that
-grows linearly with depth: block l (0-based) of the L blocks of the main stack gets
+Block l (0-based) of the L blocks of the main stack (``mergeflow.layers``) gets
 
     lambda(l) = alpha + beta * l / (L - 1)          (the paper's alpha + beta (l-1)/(L-1), 1-based)
 
-so the first block gets alpha and the last alpha + beta. Names outside the block stack
-(embeddings, pre/post norms, projection, heads) get alpha, as in the authors' code
-(``mergeflow.layers``). With L = 1 every tensor gets alpha.
-
-How this relates to the base method's ``scaling``: the authors build the multi-task vector
-tau_MTL with the base method *unscaled* (Task Arithmetic: sum_t tau_t; TIES: the disjoint
-mean of the trimmed vectors; Consensus: the consensus-masked sum) and then apply
-theta_0 + lambda(l) * tau_MTL, with ``apply_to(..., scaling_coef=1.0)``
-(github.com/wang-kee/LiNeS, src/eval/eval.py and src/eval/aggregation.py). So here:
-
-    result = lambda(l) * base_method(taus; options, scaling = 1)
-
-and the base's own ``scaling`` is not a free option: ``options.scaling`` is refused (set
-``alpha``/``beta`` instead); every other option of the base (TIES ``density``/``scope``,
-Consensus ``k``/``threshold``/``merge``/``density``) is validated by the base method before any
-work starts.
-
-``alpha`` (default: the paper's rule) is, as the authors compute it,
-alpha = (1/T) * ||sum_t tau_t||_1 / ||tau_MTL||_1 with both L1 norms over every floating
-tensor of the model (T tasks; tau_MTL unscaled as above). For Task Arithmetic tau_MTL is the
-sum, so alpha = 1/T without a pass; for TIES and Consensus ``prepare`` makes one pass running
-the base method on every tensor. ``beta`` is the coefficient the authors tune on validation
-data in place of the base's ``scaling``, on the same grid (Task Arithmetic and Consensus:
-0.1 ... 1.0; TIES: 0.1 ... 1.5). The paper fixes no single value; the default 0.5 is the
-middle of the Task Arithmetic grid, not a reported optimum: tune it.
+names outside the stack get alpha, and with L = 1 every tensor does. The result is
+lambda(l) * merge(taus; options, scaling = 1): the merge named by ``merge`` (task_arithmetic,
+ties or consensus) runs unscaled, so ``options.scaling`` is refused; its other options are
+validated by that method before any work starts. ``alpha`` defaults to the paper's rule
+(1/T) ||sum_t tau_t||_1 / ||tau_MTL||_1 (1/T for Task Arithmetic; one ``prepare`` pass for
+TIES and Consensus); ``beta`` 0.5, the middle of the authors' Task Arithmetic grid, not a
+reported optimum: tune it. Details: docs/method-notes.md#lines.
 """
 from __future__ import annotations
 

@@ -1,26 +1,17 @@
 """Task Singular Vectors (Gargiulo et al., CVPR 2025): TSV-M (merge) and TSV-C (compression).
 
-Per 2-D tensor (``_svd.is_matrix``), with r = min(m, n) and tau_t = U_t diag(S_t) V_t^T:
+Per 2-D tensor (``_svd.is_matrix``), r = min(m, n), tau_t = U_t diag(S_t) V_t^T, each task
+keeps k = max(1, int(``fraction`` * r)) triplets (at most r; ``fraction`` None means 1/T):
 
-- k = max(1, int(``fraction`` * r)) triplets kept per task, at most r; ``fraction`` None
-  means 1/T (k = max(1, r // T), the authors' ``int(r * 1/T)``).
-- ``tsv_m`` (static): U = [U_1,k | ... | U_T,k] (m x kT), S = [S_1,k, ..., S_T,k],
-  V = [V_1,k | ... | V_T,k]; U_perp = P_U Q_U^T from U = P_U D_U Q_U^T (the orthogonal
-  Procrustes / polar factor), V_perp likewise; merged task vector
-  ``scaling`` * U_perp diag(S) V_perp^T (``scaling`` 1.0: the paper adds the merged vector
-  with alpha = 1.0). Other tensors: ``scaling`` * mean_t tau_t (the authors average them).
-  kT may exceed r (``fraction`` > 1/T): the concatenation is not capped, as in the authors'
-  "lossless" variant (k = r for every task); where kT > m (or n) the factor is the nearest
-  matrix with orthonormal rows instead of columns.
-- ``tsv_c`` (dynamic): task model t = theta_0 + U_t,k diag(S_t,k) V_t,k^T (the best rank-k
-  approximation); other tensors kept whole. Stored per task: U_k, S_k, V_k of every matrix
-  (float32) and the other tensors whole; ``tsv_c_storage_bytes`` counts that exactly from the
-  shapes, and the registered ``storage`` uses it when given the shapes (else it estimates).
+- ``tsv_m`` (static): the tasks' U's and V's concatenated and orthogonalised (polar factor);
+  merged task vector ``scaling`` * U_perp diag(S) V_perp^T (``scaling`` 1.0, the paper's
+  alpha). Other tensors: ``scaling`` * mean_t tau_t.
+- ``tsv_c`` (dynamic): task model t = theta_0 + U_t,k diag(S_t,k) V_t,k^T; other tensors
+  kept whole. ``tsv_c_storage_bytes`` counts what is stored, exactly, from the shapes.
 
-Triplets below the numerical rank (see ``_svd``) are dropped before the orthogonalisation:
-their singular vectors are arbitrary, carry no weight, and would otherwise bend the polar
-factor of the others. For numerically full-rank task vectors this is the authors' algorithm.
+Triplets below the numerical rank (see ``_svd``) are dropped before the orthogonalisation.
 Reported (ViT-B/32, 8 tasks): TSV-M 85.9; TSV-C keeps ~99% of the fine-tuned accuracy.
+Details (kT > r, storage, the authors' code): docs/method-notes.md#tsv.
 """
 from __future__ import annotations
 

@@ -1,33 +1,18 @@
 """Task vector quantisation, TVQ and RTVQ (Kim et al., ICCV 2025): any merge on quantised inputs.
 
-What a TVQ user keeps is not the fine-tuned checkpoints but their task vectors quantised
-per tensor ("per layer", asymmetric min-max, ``mergeflow.codecs.quant``); a merge then runs
-on the dequantised vectors. So both methods here wrap another, static merge:
+Task vectors are quantised per tensor (asymmetric min-max, ``mergeflow.codecs.quant``), then
+a static merge, named by ``merge`` with hyper-parameters ``options``, runs on the dequantised
+vectors:
 
-- ``tvq``: each tau_t is quantised to ``bits`` bits and dequantised (``qdq``), then the merge
-  named by ``merge`` runs on those vectors with hyper-parameters ``options``. Default 4 bits,
-  the paper's headline TVQ precision (accuracy is kept at <= 4 bits; its tables show 8, 4, 3
-  and 2).
-- ``rtvq``: per tensor the base (mean of the task vectors) is quantised at ``base_bits`` and
-  each offset tau_t - base^ (against the dequantised base: the paper's error correction) at
-  ``offset_bits``; the merge runs on base^ + o_t^. Defaults 3 and 2, the paper's B3O2.
+- ``tvq``: each tau_t at ``bits`` bits (default 4, the paper's headline precision).
+- ``rtvq``: per tensor the mean of the task vectors at ``base_bits`` and each offset from the
+  dequantised base at ``offset_bits`` (defaults 3 and 2, the paper's B3O2).
 
-Here the quantisation runs in memory (``qdq``: what ``mergeflow merge`` and the API do); the
-pipeline's merge stage keeps the codes as files and merges from them instead
-(``write_quantised``, the same merged model bit for bit).
-
-A wrapped method with a model-wide ``prepare`` step (TIES with ``scope: global``, ...) sees the
-quantised vectors there too. Refused as ``merge``: dynamic methods (the registry fixes
-``dynamic`` per method, and these are static), methods needing layer-input data (CAT), the
-switch methods (their own compression) and tvq/rtvq themselves.
-
-Storage (what is kept besides the base model): tvq ``n_tasks * ceil(n * bits / 8)``, rtvq
-``ceil(n * base_bits / 8) + n_tasks * ceil(n * offset_bits / 8)`` bytes for ``n`` floating
-parameters, plus 8 bytes (min and max) per stored tensor, which ``n`` alone does not give
-(``mergeflow.codecs.quant.tvq_bytes`` counts it per tensor). ``storage_bytes(hp, n, n_tasks)``
-gives the figure for any hyper-parameters; the registered ``storage`` gets the method's
-hyper-parameters and the tensors' shapes from the pipeline and counts that overhead too
-(``exact_storage``: what ``save_tvq`` / ``save_rtvq`` store as payload).
+In memory (``qdq``: ``mergeflow merge`` and the API) or, in the pipeline's merge stage, from
+the codes kept as files (``write_quantised``, the same merged model bit for bit). Refused as
+``merge``: dynamic methods, CAT, the switch methods and tvq/rtvq themselves. Storage:
+``storage_bytes(hp, n, n_tasks)`` and ``exact_storage`` (with the per-tensor min/max).
+Details (storage formulas, the wrapped ``prepare``): docs/method-notes.md#tvq.
 """
 from __future__ import annotations
 
