@@ -1,5 +1,5 @@
-"""LiNeS, the layer-depth map it uses, and CABS, against their definitions (module docstrings of
-mergeflow/layers.py, mergeflow/methods/lines.py and mergeflow/methods/cabs.py).
+"""LiNeS, the layer-depth map it uses, and CABS, against their definitions (docs/method-notes.md,
+sections lines and cabs, and docs/internals.md, section layers).
 
 LiNeS: result = (alpha + beta * l/(L-1)) * base_method(taus; scaling 1), l the 0-based block of
 L in the main stack, names outside it at l = 0; alpha None = (1/T) ||sum tau||_1 / ||tau_MTL||_1.
