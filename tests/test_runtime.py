@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import mergeflow.runtime as rtmod
+import mergeflow.runtime.chunks as rtmod  # the chunk kernels and arena the failure tests replace
 from mergeflow.codecs.switch import Switch, SwitchTensor, load_switch, save_switch
 from mergeflow.errors import MergeflowError
 from mergeflow.io.checkpoint import Checkpoint, write_checkpoint
