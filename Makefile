@@ -12,9 +12,16 @@ export PYTHONWARNINGS := ignore::DeprecationWarning
 
 setup: $(VENV)/.installed
 
+# uv installs in about a third of pip's time (measured on a fresh 2-core machine: ~75 s against
+# ~230 s, bytecode compiled both ways); it ignores pip's configuration, so .ci/uv_args.py passes
+# pip's find-links, indexes and constraints on (the local CPU torch wheel). Plain pip if uv fails.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	if args=$$($(BIN)/python .ci/uv_args.py $(BIN)/python) \
+	  && $(BIN)/python -m pip install --quiet --disable-pip-version-check uv \
+	  && $(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode $$args -e ".[dev]"; then :; \
+	else echo "make setup: uv failed, installing with pip" >&2; \
+	  $(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"; fi
 	touch $@
 
 run: setup  ## the whole pipeline on the built-in zoo, results table at the end
