@@ -1,4 +1,4 @@
-"""Accuracy bookkeeping: normalised accuracy, storage accounting, metrics.json and per_task.csv.
+"""Score bookkeeping: normalised scores, storage accounting, metrics.json and per_task.csv.
 
 metrics.json (a contract)::
 
@@ -21,13 +21,14 @@ from typing import Mapping
 from mergeflow.io.atomic import write_json, write_text
 
 
-def entry(acc: Mapping[str, float], expert_acc: Mapping[str, float], storage_bytes: int, tv_bytes: int, **extra) -> dict:
-    """One metrics.json row: per-task accuracy, its average, normalised average and storage."""
-    tasks = list(expert_acc)
-    norm = [acc[t] / expert_acc[t] if expert_acc[t] > 0 else 0.0 for t in tasks]
+def entry(score: Mapping[str, float], expert_score: Mapping[str, float], storage_bytes: int, tv_bytes: int, **extra) -> dict:
+    """One metrics.json row: per-task score (kept under the contract's key ``acc``: accuracy, a
+    GLUE metric or 1/perplexity), its average, normalised average and storage."""
+    tasks = list(expert_score)
+    norm = [score[t] / expert_score[t] if expert_score[t] > 0 else 0.0 for t in tasks]
     return {
-        "acc": {t: float(acc[t]) for t in tasks},
-        "acc_avg": sum(acc[t] for t in tasks) / len(tasks),
+        "acc": {t: float(score[t]) for t in tasks},
+        "acc_avg": sum(score[t] for t in tasks) / len(tasks),
         "norm_acc_avg": sum(norm) / len(norm),
         "norm_acc": {t: n for t, n in zip(tasks, norm)},
         "storage_bytes": int(storage_bytes),

@@ -6,7 +6,7 @@ import torch
 
 from mergeflow import methods
 from mergeflow.errors import MergeflowError
-from mergeflow.features import InputStats, layer_input_stats
+from mergeflow.layer_stats import InputStats, layer_input_stats
 from mergeflow.merge import merge_state_dicts
 from mergeflow.methods.cat import removal_basis, trim
 
@@ -68,7 +68,7 @@ def test_projections_of_one_input_share_one_matrix():
 
 
 def test_stats_file_round_trip(tmp_path):
-    from mergeflow.features import StatsFile, save_stats
+    from mergeflow.layer_stats import StatsFile, save_stats
 
     torch.manual_seed(3)
     model = Attention()

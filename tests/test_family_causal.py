@@ -302,7 +302,7 @@ def test_build_shares_memory_and_tensors_edit_the_model(full):
 def test_exemplar_statistics_carry_checkpoint_names(kind, request):
     """CAT's layer-input statistics are keyed by the checkpoint's names (LoRA factors are named
     otherwise inside PEFT's model); the tied LM head (the embedding) gets none."""
-    from mergeflow.features import layer_input_stats
+    from mergeflow.layer_stats import layer_input_stats
     from mergeflow.io.checkpoint import Checkpoint
     from mergeflow.models.causal import CausalLM
     from mergeflow.stages.merge import _checkpoint_names

@@ -5,7 +5,7 @@ Task Arithmetic.
 Knowledge conflict of task i on task k at one layer: how much tau_i moves task k's layer
 outputs, against how much tau_i matters to task i itself (weighted by ``tradeoff``, the
 paper's lambda), measured on ``exemplars`` train rows per task (their layer inputs,
-``mergeflow.features``; the engine takes them as ``data=``). For each task k the top-``c``
+``mergeflow.layer_stats``; the engine takes them as ``data=``). For each task k the top-``c``
 conflict directions (linear weights: eigenvectors; norm scales and biases: dimensions) are
 removed from every other task's vector; other tensors are untouched.
 Merged: theta_0 + ``scaling`` * sum_t trimmed tau_t.

@@ -104,15 +104,15 @@ def finish(p: Params, lay: Layout, work: Path, results: dict, log: Log) -> dict:
     tasks = tasks_of(p, lay)
     n, _ = floating_params(Checkpoint(require(lay.checkpoints / "base", "download")))
     tv_bytes = 4 * n * len(tasks)
-    expert_acc = {t: r["score"] for t, r in results["experts"]["scores"].items()}
+    expert_score = {t: r["score"] for t, r in results["experts"]["scores"].items()}
 
     def row(scores: dict[str, dict], storage: int, **extra) -> dict:
         more = {}
         for key in sorted({k for r in scores.values() for k in r} - {"score", "metric"}):
             more[key] = {t: r[key] for t, r in scores.items() if key in r}
-        return ev.entry({t: r["score"] for t, r in scores.items()}, expert_acc, storage, tv_bytes, **more, **extra)
+        return ev.entry({t: r["score"] for t, r in scores.items()}, expert_score, storage, tv_bytes, **more, **extra)
 
-    log("evaluate: experts " + ", ".join(f"{t} {a:.3f}" for t, a in expert_acc.items()))
+    log("evaluate: experts " + ", ".join(f"{t} {a:.3f}" for t, a in expert_score.items()))
     metrics = {"methods": {}, "experts": row(results["experts"]["scores"], tv_bytes), "base": row(results["base"]["scores"], 0)}
     for name in p.merge.methods:
         res = results[name]

@@ -68,7 +68,7 @@ def exemplar_stats(p: Params, lay: Layout, tasks: list[str], n: int, names: list
     ``folder`` one task at a time and read back lazily (``features.StatsFile``): the merge then
     holds one tensor's statistics of every task, never every task's whole set."""
     from mergeflow.autoswitch import query_rows
-    from mergeflow.features import StatsFile, layer_input_stats, save_stats
+    from mergeflow.layer_stats import StatsFile, layer_input_stats, save_stats
 
     fam = family_of(lay, resolve_device(p.device), p.evaluate.batch_size)
     out = []

@@ -18,7 +18,7 @@ import torch
 
 from mergeflow import methods
 from mergeflow.errors import MergeflowError
-from mergeflow.features import InputStats
+from mergeflow.layer_stats import InputStats
 from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.merge import TaskVectors, merge_state_dicts, merge_to_disk
 from mergeflow.methods.registry import DATA, KINDS, POSITIONAL

@@ -10,7 +10,7 @@ Forward pre-hooks on the model's linear and normalisation layers collect, per pa
 Accumulated in float64 on the CPU; linear layers fed the same input tensor share one matrix.
 ``save_stats`` writes them to a safetensors file (float32) and ``StatsFile`` reads them back
 one tensor at a time, so a merge holds only the current tensor's statistics of every task.
-Details (what each statistic is, memory use): docs/internals.md#features.
+Details (what each statistic is, memory use): docs/internals.md#layer-input-statistics.
 """
 from __future__ import annotations
 
