@@ -166,6 +166,12 @@ def dvc_yaml() -> str:
 
 
 if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--check"]:  # pre-commit: refuse a stale dvc.yaml
+        if Path("dvc.yaml").read_text() != dvc_yaml():
+            sys.exit("dvc.yaml is stale: python -m mergeflow.stages.spec")
+        sys.exit(0)
     from mergeflow.io.atomic import atomic_file
 
     with atomic_file(Path("dvc.yaml"), user_file=True) as tmp:  # the project's file, regenerated as asked
