@@ -5,6 +5,8 @@ cache entry would never be found again. The switch runtime's kernels (LLVM intri
 ``mergeflow._kernels_switch_nb``, re-exported here so ``mergeflow.kernels`` finds every kernel
 in one module.
 """
+from typing import Any
+
 import numpy as np
 import numba as nb
 from numba import types
@@ -43,10 +45,12 @@ def _is_f32(x):
 
 TILE = 1024  # elements per tile: a tile of every input stays in L1
 
-jit = nb.njit(nogil=True, cache=True, error_model="numpy")
+# numba's decorators are Any to mypy (numba is not followed); annotated so the import cycle with
+# _kernels_switch_nb does not leave their type undetermined there
+jit: Any = nb.njit(nogil=True, cache=True, error_model="numpy")
 # a*b + c contracted into one fused multiply-add where the CPU has one, as torch's
 # vectorised add(x, alpha=w) computes it: the linear kernel then matches torch bit for bit
-jit_fma = nb.njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
+jit_fma: Any = nb.njit(nogil=True, cache=True, error_model="numpy", fastmath={"contract"})
 
 
 @jit

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def as_array(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _bits_of(np_dtype) -> type:
+def _bits_of(np_dtype) -> type[np.unsignedinteger[Any]]:
     """The unsigned integer type of a kernel array's element bits (uint16 for bfloat16's, uint32 for float32)."""
     return np.uint16 if np.dtype(np_dtype).itemsize == 2 else np.uint32
 
@@ -83,13 +84,14 @@ def _k(name: str):
     return getattr(ks, name)
 
 
-def linear_block(base: np.ndarray, fts: np.ndarray, subtract: bool, weights: np.ndarray, out: np.ndarray,
+def linear_block(base: np.ndarray, fts: np.ndarray, subtract: bool, weights: Sequence[float], out: np.ndarray,
                  divisor: float = 1.0) -> None:
     """out = base + (sum_t weights[t] * tau_t) / divisor, summed in task order."""
     _k("linear_block")(base, fts, subtract, np.asarray(weights, np.float32), np.float32(divisor), out)
 
 
-def ties_block(base: np.ndarray, fts: np.ndarray, subtract: bool, thresholds: np.ndarray, scaling: float, out: np.ndarray) -> None:
+def ties_block(base: np.ndarray, fts: np.ndarray, subtract: bool, thresholds: Sequence[float], scaling: float,
+               out: np.ndarray) -> None:
     """out = base + scaling * disjoint_mean(tau_t trimmed to |tau_t| >= thresholds[t])."""
     _k("ties_block")(base, fts, subtract, np.asarray(thresholds, np.float32), np.float32(scaling), out)
 

@@ -111,7 +111,9 @@ def save_stats(path, stats: dict[str, InputStats]) -> None:
 
     from mergeflow.io.atomic import atomic_file
 
-    tensors, index, seen = {}, {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    index: dict[str, list[Any]] = {}  # name -> [kind, tensor key, rows]
+    seen: dict[int, str] = {}  # id(value) -> tensor key
     for name, st in stats.items():
         key = seen.setdefault(id(st.value), f"t{len(seen)}")
         if key not in tensors:

@@ -84,7 +84,7 @@ def plot_all(metrics: Mapping, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def _metric_label(metrics: dict) -> str:
+def _metric_label(metrics: Mapping) -> str:
     """The y label: "test accuracy", or the task metrics' names when they differ (GLUE, 1/perplexity)."""
     names = sorted(set((metrics.get("task_metrics") or {}).values())) or ["accuracy"]
     if names == ["accuracy"]:

@@ -17,7 +17,7 @@ found by one ``aminmax`` reduction. The algorithm and back ends: docs/internals.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Iterator, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -67,7 +67,8 @@ def _count(mask: Keys) -> int:
 
 
 def _cat(parts: list[Keys]) -> Keys:
-    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(parts)
+    # the chunks of one stream are all numpy or all torch
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(cast("list[torch.Tensor]", parts))
 
 
 def _bincount(digits: Keys) -> np.ndarray:
@@ -166,7 +167,10 @@ def _shortcut(flat: torch.Tensor, keys: Chunks, k: int, bits: int) -> int | None
     above, size, band = gathered
     if not above < k <= above + size:
         return None
-    return lo if lo == hi else _radix(lambda: iter((band,)), k - above, bits)
+    if lo == hi:
+        return lo
+    assert band is not None  # lo < hi: the keys inside were gathered
+    return _radix(lambda: iter((band,)), k - above, bits)
 
 
 def _kth(values: torch.Tensor, k: int, has_zero: bool) -> torch.Tensor:
@@ -175,8 +179,8 @@ def _kth(values: torch.Tensor, k: int, has_zero: bool) -> torch.Tensor:
     key = _key_dtype(flat.dtype)
     if flat.device.type in _NUMPY_DEVICES and kernels.supported(flat) and flat.is_contiguous() and kernels.available():
         a = kernels.as_array(flat)  # the fused kernel: sampled bracket + one counting pass, no temporaries
-        found = kernels.kth_abs_tau(a, a, False, k)
-        return torch.tensor(found, dtype=torch.float32).to(values.dtype).to(values.device)
+        value = kernels.kth_abs_tau(a, a, False, k)
+        return torch.tensor(value, dtype=torch.float32).to(values.dtype).to(values.device)
     bits = torch.iinfo(key).bits
     keys = _keys(flat, clear_sign=has_zero)
     found = _shortcut(flat, keys, k, bits) if bits > _DIGIT and flat.numel() >= _SAMPLE_MIN_N else None

@@ -18,9 +18,9 @@ from mergeflow.io.atomic import atomic_file
 from mergeflow.io.checkpoint import canonical_header
 
 
-def raw(t: torch.Tensor) -> np.ndarray:
-    """The bytes of a CPU tensor as uint8 (for checksums), any dtype."""
-    return t.reshape(-1).view(torch.uint8).numpy()
+def raw(t: torch.Tensor) -> memoryview:
+    """The bytes of a CPU tensor (for checksums), any dtype: a view of its uint8 array."""
+    return t.reshape(-1).view(torch.uint8).numpy().data
 
 
 def write(path: str | os.PathLike, stored: dict[str, torch.Tensor], index: dict, format_name: str, format_version: int) -> None:

@@ -40,9 +40,9 @@ def atomic_file(path: str | os.PathLike, *, kind: str | None = None, user_file: 
     if not user_file:
         check_replaceable(path, is_dir=False, kind=kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp = Path(tmp)
+    tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

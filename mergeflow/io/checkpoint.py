@@ -158,7 +158,7 @@ class Checkpoint:
         for info in self._infos.values():
             counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
         floats = {k: v for k, v in counts.items() if k in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
-        return max(floats, key=floats.get) if floats else torch.float32
+        return max(floats, key=floats.__getitem__) if floats else torch.float32
 
     # --- data -----------------------------------------------------------------------------
 
@@ -176,7 +176,7 @@ class Checkpoint:
         buf = torch.empty(nbytes, dtype=torch.uint8) if alloc is None else alloc(nbytes)[:nbytes]
         if len(buf):
             try:
-                _pread_full(self._fd(info.file), memoryview(buf.numpy()), info.start)
+                _pread_full(self._fd(info.file), buf.numpy().data, info.start)
             except (OSError, EOFError) as exc:
                 raise MergeflowError(f"{info.file}: cannot read tensor {name} ({_one_line(exc) or 'file cut short'})") from None
         return buf.view(info.dtype).reshape(info.shape)

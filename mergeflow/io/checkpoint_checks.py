@@ -10,14 +10,14 @@ import torch
 from mergeflow.errors import MergeflowError
 
 if TYPE_CHECKING:
-    from mergeflow.io.checkpoint import Checkpoint
+    from mergeflow.io.checkpoint_like import TensorLayout
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def check_compatible(base: Checkpoint, other: Checkpoint, names: Iterable[str] | None = None) -> None:
+def check_compatible(base: TensorLayout, other: TensorLayout, names: Iterable[str] | None = None) -> None:
     """Same tensor names, shapes and floating dtypes as the base, or a one-line error naming the first difference."""
     want = set(base.names() if names is None else names)
     have = set(other.names())

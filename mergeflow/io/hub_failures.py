@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 
 from mergeflow.io.hub_cache import _TRUE, OFFLINE_ENV, _cache_dir, _storage, cached_revisions
 from mergeflow.io.hub_refs import _SHA
 
 
-def _chain(exc: BaseException):
-    seen = set()
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc

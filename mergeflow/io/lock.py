@@ -63,7 +63,7 @@ def clean_stale(artifacts: Path) -> list[Path]:
     atomic writes, ``.download.*`` work folders). Call only while holding the workspace lock."""
     import shutil
 
-    removed = []
+    removed: list[Path] = []
     if not Path(artifacts).is_dir():
         return removed
     stale = [p for p in Path(artifacts).rglob(".*") if p.name.startswith(".download.") or p.name.endswith((".tmp", ".old"))]

@@ -17,19 +17,20 @@ import os
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Literal, Mapping
 
 import torch
 
 from mergeflow.errors import MergeflowError
 from mergeflow.io.atomic import atomic_dir
-from mergeflow.io.checkpoint import ADAPTER_WEIGHTS_NAME, INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, Checkpoint, member_of
+from mergeflow.io.checkpoint import ADAPTER_WEIGHTS_NAME, INDEX_NAME, ST_DTYPES, WEIGHTS_NAME, member_of
+from mergeflow.io.checkpoint_like import ShardedLayout
 
 CODES = {dt: code for code, dt in ST_DTYPES.items()}  # torch dtype -> safetensors code
 COPIED_FILES = ("config.json", "generation_config.json", "adapter_config.json")  # small files a loader needs beside the weights
 
 
-def shard_layout(ckpt: Checkpoint) -> dict[str, list[str]]:
+def shard_layout(ckpt: ShardedLayout) -> dict[str, list[str]]:
     """Output file name -> tensor names, mirroring the checkpoint's shards (one file if unsharded:
     ``model.safetensors``, or ``adapter_model.safetensors`` for a PEFT adapter, so PEFT loads it)."""
     files: dict[str, list[str]] = {}
@@ -98,7 +99,7 @@ class CheckpointWriter:
                 w.write(name, merged(name))
     """
 
-    def __init__(self, out_dir: str | Path, like: Checkpoint, dtype: torch.dtype | None = None,
+    def __init__(self, out_dir: str | Path, like: ShardedLayout, dtype: torch.dtype | None = None,
                  metadata: Mapping[str, str] | None = None, copy_files: Iterable[str] = COPIED_FILES):
         self.out_dir, self.like, self.dtype = Path(out_dir), like, dtype
         self.metadata = {"format": "pt", **dict(metadata or {})}
@@ -141,7 +142,7 @@ class CheckpointWriter:
             raise MergeflowError(f"{self.out_dir}: tensor {name} is not in the base {self.like.path}") from None
         f.write_block(name, start, flat)
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         try:
             if exc_type is None:
                 self._finish()
@@ -154,6 +155,7 @@ class CheckpointWriter:
                 return False
             for f in self._files.values():
                 f.close()
+            assert self._stack is not None  # set by __enter__
             self._stack.close()  # renames the temporary directory into place
         return False
 
@@ -177,6 +179,7 @@ class CheckpointWriter:
             except OSError:
                 pass
         self._files.clear()
+        assert self._stack is not None  # set by __enter__
         self._stack.__exit__(*(exc_info or (MergeflowError, MergeflowError("aborted"), None)))
 
 

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from mergeflow.io.checkpoint import Checkpoint
+from mergeflow.io.checkpoint_like import CheckpointReader
 from mergeflow.io.writer import CheckpointWriter
 from mergeflow.merge.engine import BLOCK_CPU, BLOCK_CUDA, Progress, Sink, TensorTaus, run
 from mergeflow.merge.reading import PREFETCH_BYTES, READERS, ReadBuffers
@@ -27,7 +28,7 @@ __all__ = ["BLOCK_CPU", "BLOCK_CUDA", "PREFETCH_BYTES", "READERS", "MemoryCheckp
            "TaskVectors", "TensorTaus", "is_floating", "merge", "merge_state_dicts", "merge_to_disk", "resolve_device", "run"]
 
 
-def merge(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Mapping[str, Any],
+def merge(method: Method, base: CheckpointReader, sources: Sequence[TaskVectors], hp: Mapping[str, Any],
           device: torch.device = torch.device("cpu"), progress: Progress | None = None, data: Any = None) -> list[dict[str, torch.Tensor]]:
     """``run`` into memory: one state dict (static) or one per task (dynamic), on the CPU."""
     outs: list[dict[str, torch.Tensor]] = [{} for _ in range(len(sources) if method.dynamic else 1)]

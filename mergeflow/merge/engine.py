@@ -11,7 +11,7 @@ import torch
 
 from mergeflow import kernels
 from mergeflow.errors import MergeflowError
-from mergeflow.io.checkpoint import Checkpoint
+from mergeflow.io.checkpoint_like import CheckpointReader
 from mergeflow.merge.reading import PREFETCH_BYTES, ReadBuffers, _prefetched
 from mergeflow.merge.sources import TaskVectors, is_floating
 from mergeflow.methods import Method
@@ -28,7 +28,7 @@ def _float32(theta0: torch.Tensor, device: torch.device) -> torch.Tensor:
     return b.clone() if b.data_ptr() == theta0.data_ptr() else b
 
 
-def run(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Mapping[str, Any], sink: Sink,
+def run(method: Method, base: CheckpointReader, sources: Sequence[TaskVectors], hp: Mapping[str, Any], sink: Sink,
         device: torch.device = torch.device("cpu"), progress: Progress | None = None, data: Any = None) -> None:
     """Merge every tensor of the base (``hp`` overlays the method's defaults).
 

@@ -6,12 +6,13 @@ import contextlib
 import functools
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from mergeflow.io.checkpoint import Checkpoint, check_finite
+from mergeflow.io.checkpoint_like import CheckpointReader
 from mergeflow.merge.sources import TaskVectors, is_floating
 
 PREFETCH_BYTES = 256 << 20  # read the next tensor ahead only when its inputs are smaller than this
@@ -27,7 +28,8 @@ class ReadBuffers:
     ``keep`` bytes; the largest go first) for a tensor of similar size (at most 2x)."""
 
     def __init__(self, keep: int):
-        self.keep, self.free, self._lock = keep, [], threading.Lock()
+        self.keep, self._lock = keep, threading.Lock()
+        self.free: list[torch.Tensor] = []
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
@@ -44,7 +46,7 @@ class ReadBuffers:
                 self.free.pop()
 
 
-def _load(base: Checkpoint, sources: Sequence[TaskVectors], name: str, buffers: ReadBuffers | None = None,
+def _load(base: CheckpointReader, sources: Sequence[TaskVectors], name: str, buffers: ReadBuffers | None = None,
           readers: ThreadPoolExecutor | None = None):
     """(theta0, raws or None for a non-floating tensor, the pooled buffers they occupy); with
     ``buffers`` the inputs are read into reused memory, on the ``readers`` threads if given."""
@@ -89,11 +91,11 @@ def _note_changes(theta0: torch.Tensor, raws: Sequence[torch.Tensor], sources: S
             src.changed = bool(raw.any()) if src.is_vector else not torch.equal(raw, theta0)
 
 
-def _input_bytes(base: Checkpoint, sources: Sequence[TaskVectors], name: str) -> int:
+def _input_bytes(base: CheckpointReader, sources: Sequence[TaskVectors], name: str) -> int:
     return math.prod(base.shape(name)) * (1 + len(sources)) * base.tensor_dtype(name).itemsize
 
 
-def _prefetched(base: Checkpoint, sources: Sequence[TaskVectors], names: Sequence[str],
+def _prefetched(base: CheckpointReader, sources: Sequence[TaskVectors], names: Sequence[str],
                 buffers: ReadBuffers | None = None) -> Iterator[tuple[str, Any]]:
     """(name, (theta0, raws)) in order; the next tensor is read on a thread while one is
     processed, unless its inputs are large (then two tensors' inputs would sit in memory).
@@ -107,9 +109,10 @@ def _prefetched(base: Checkpoint, sources: Sequence[TaskVectors], names: Sequenc
         readers = None if buffers is None else \
             stack.enter_context(ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="mergeflow-read"))
         load = functools.partial(_load, buffers=buffers, readers=readers)
-        nxt = pool.submit(load, base, sources, names[0])
+        nxt: Future | None = pool.submit(load, base, sources, names[0])
         try:
             for i, name in enumerate(names):
+                assert nxt is not None  # names[i]'s read was submitted before this step
                 theta0, raws, used = nxt.result()
                 nxt = None
                 if i + 1 < len(names) and _input_bytes(base, sources, names[i + 1]) <= PREFETCH_BYTES:

@@ -8,6 +8,7 @@ import torch
 
 from mergeflow.errors import MergeflowError
 from mergeflow.io.checkpoint import Checkpoint, check_compatible, check_finite
+from mergeflow.io.checkpoint_like import CheckpointReader, TensorLayout, TensorReader
 
 
 def resolve_device(device: str) -> torch.device:
@@ -23,7 +24,7 @@ def resolve_device(device: str) -> torch.device:
 class TaskVectors:
     """Where tau_t comes from: a stored task-vector file, or a fine-tuned model minus the base."""
 
-    def __init__(self, base: Checkpoint, ref: Checkpoint, is_vector: bool):
+    def __init__(self, base: CheckpointReader, ref: TensorReader, is_vector: bool):
         self.base, self.ref, self.is_vector = base, ref, is_vector
         self.changed = False  # set by the engine once a tensor of tau is seen to be nonzero
         if is_vector:
@@ -32,14 +33,15 @@ class TaskVectors:
             if missing:
                 raise MergeflowError(f"{ref.path}: tensor {missing[0]} of the base has no task vector")
         else:
+            assert isinstance(ref, TensorLayout)  # a fine-tuned model, not a vector: it has shapes and dtypes
             check_compatible(base, ref)
 
     @classmethod
-    def from_vector(cls, base: Checkpoint, path: str | Path) -> "TaskVectors":
+    def from_vector(cls, base: CheckpointReader, path: str | Path) -> "TaskVectors":
         return cls(base, Checkpoint(path), True)
 
     @classmethod
-    def from_model(cls, base: Checkpoint, path: str | Path | Checkpoint) -> "TaskVectors":
+    def from_model(cls, base: CheckpointReader, path: str | Path | CheckpointReader) -> "TaskVectors":
         return cls(base, Checkpoint(path) if isinstance(path, (str, Path)) else path, False)
 
     def fetch(self, name: str, alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
@@ -58,7 +60,7 @@ class TaskVectors:
         return self.to_tau(self.fetch(name), theta0)
 
 
-def is_floating(ckpt: Checkpoint, name: str) -> bool:
+def is_floating(ckpt: TensorLayout, name: str) -> bool:
     return ckpt.tensor_dtype(name).is_floating_point
 
 

@@ -38,6 +38,7 @@ def removal_basis(taus: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], k
     blocks = [grams[k] - lam * grams[i] for i in others]
     if out <= len(others) * inp:
         m = sum(taus[i] @ b @ taus[i].T for i, b in zip(others, blocks))
+        assert isinstance(m, torch.Tensor)  # others is not empty
         basis = None
     else:
         q, r = torch.linalg.qr(torch.cat([taus[i] for i in others], dim=1))  # q: out x (T-1) in

@@ -60,5 +60,6 @@ def emr(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
                                                          "equation (global)")] = "mean",
         ctx: dict | None = None) -> list[torch.Tensor]:
     """Unified task vector with per-task masks and rescalers (task identity known)."""
+    assert ctx is not None  # prepare_emr always runs first
     uni, masks = unify(taus)
     return [uni * m * lam for m, lam in zip(masks, ctx["rescalers"])]

@@ -60,7 +60,7 @@ class Param:
             raise MergeflowError(f"{where}: expected a list, got {value!r}")
         return self._scalar(value, where, scalar[0])
 
-    def _scalar(self, value: Any, where: str, kind: type) -> Any:
+    def _scalar(self, value: Any, where: str, kind: type[Any]) -> Any:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
@@ -77,7 +77,9 @@ def _kinds(tp: Any) -> tuple[tuple[type, ...], type, tuple[Any, ...] | None]:
     """(allowed types, list item type, choices) of a signature type."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        kinds, item, choices = [], float, None
+        kinds: list[type] = []
+        item: type = float
+        choices: tuple[Any, ...] | None = None
         for arm in typing.get_args(tp):
             k, i, c = _kinds(arm)
             kinds += [x for x in k if x not in kinds]

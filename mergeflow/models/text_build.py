@@ -6,11 +6,14 @@ transformers is imported lazily (importing it costs seconds).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mergeflow.errors import MergeflowError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def load_config(folder: Path):
@@ -33,7 +36,7 @@ def config_from_dict(raw: dict, where) -> Any:
         raise MergeflowError(f"{where}: not a {kind} config ({' '.join(str(exc).split())[:160]})") from None
 
 
-def meta_model(config, where="config") -> torch.nn.Module:
+def meta_model(config, where="config") -> PreTrainedModel:
     """``AutoModelForSequenceClassification`` of ``config`` on the meta device (no memory, no init)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -45,11 +48,12 @@ def meta_model(config, where="config") -> torch.nn.Module:
                              f"in transformers ({' '.join(str(exc).split())[:120]})") from None
 
 
-def split_names(model: torch.nn.Module) -> tuple[dict[str, tuple], dict[str, tuple]]:
+def split_names(model: PreTrainedModel) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """({body tensor: shape}, {head tensor: shape}) of a sequence-classification model: the body
     is everything under its ``base_model_prefix``, the head everything else."""
     prefix = model.base_model_prefix + "."
-    body, head = {}, {}
+    body: dict[str, tuple] = {}
+    head: dict[str, tuple] = {}
     for name, t in model.state_dict().items():
         (body if name.startswith(prefix) else head)[name] = tuple(t.shape)
     return body, head

@@ -125,27 +125,29 @@ def prepare_texts(ts: TaskSources, tokenizer, max_length: int, pool: int, seed: 
     """Tokenise the evaluation split and a seeded sample of the train split into ``folder``."""
     from mergeflow.models.data import load_split
 
+    dataset = ts.dataset
+    assert dataset is not None, "the caller checks download.tasks.<task>.dataset"
     columns = text_columns(ts)
     label_col = ts.options.get("label_column") or "label"
     subset = ts.options.get("subset")
     regression = cfg.num_labels == 1
     split = eval_split(ts)
-    test = load_split(ts.dataset, split, subset, [*columns, label_col])
-    where = f"{ts.dataset.ref}" + (f" ({subset})" if subset else "") + f" split {split!r}"
+    test = load_split(dataset, split, subset, [*columns, label_col])
+    where = f"{dataset.ref}" + (f" ({subset})" if subset else "") + f" split {split!r}"
     labels = _labels(test, label_col, regression, cfg.num_labels, where)
     write_texts(folder / "test.parquet", _tokenize(tokenizer, test, columns, max_length), labels, regression)
     rows = {"test": len(labels)}
     train_split = ts.options.get("train_split")
     if pool and train_split:
         try:
-            train = load_split(ts.dataset, train_split, subset, [*columns, label_col])
+            train = load_split(dataset, train_split, subset, [*columns, label_col])
         except MergeflowError as exc:
             log(f"download: {ts.name}: no query pool ({exc})")
             return rows
         if len(train) > pool:
             gen = torch.Generator().manual_seed(seed)
             train = train.select(sorted(torch.randperm(len(train), generator=gen)[:pool].tolist()))
-        tw = f"{ts.dataset.ref} split {train_split!r}"
+        tw = f"{dataset.ref} split {train_split!r}"
         tl = _labels(train, label_col, regression, cfg.num_labels, tw)
         write_texts(folder / "train.parquet", _tokenize(tokenizer, train, columns, max_length), tl, regression)
         rows["train"] = len(tl)

@@ -68,6 +68,7 @@ class Images:
 
     def pixel_values(self, rows: torch.Tensor | None = None, batch: int = 256) -> torch.Tensor:
         if self.pixels is None:
+            assert self.images is not None  # a split holds pixels or the images to make them from
             self.pixels = _process(self.processor, self.images, batch)
             self.images = None
         x = self.pixels if rows is None else self.pixels[rows]

@@ -53,7 +53,9 @@ def run_tasks(tasks: list[tuple], workers: int, pool: Callable[[], Any]) -> None
             _run_all(cpu)
         return
     executor = pool()
-    total, runs, run, size = sum(t[0] for t in cpu), [], [], 0
+    total, size = sum(t[0] for t in cpu), 0
+    runs: list[list[tuple]] = []
+    run: list[tuple] = []
     share = total / min(workers, len(cpu))
     for task in cpu:
         run.append(task)

@@ -59,8 +59,8 @@ def _range(flat: torch.Tensor) -> tuple[float, float]:
     """(lo, hi) of a flat float tensor as float32 values (Python floats); 0, 0 when empty."""
     if flat.numel() == 0:
         return 0.0, 0.0
-    lo, hi = torch.aminmax(flat.float())
-    lo, hi = float(lo), float(hi)
+    lo_t, hi_t = torch.aminmax(flat.float())
+    lo, hi = float(lo_t), float(hi_t)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise MergeflowError(f"cannot quantise a tensor with non-finite values (range {lo} .. {hi})")
     return lo, hi
