@@ -143,6 +143,7 @@ def main() -> None:
 
     from mergeflow.cli import run_app
 
+    code: str | int | None
     try:
         code = run_app(app)
     except SystemExit as exc:

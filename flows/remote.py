@@ -197,8 +197,10 @@ def run_on_pool(stage: str, p: Params, root: Path, code: str) -> dict:
         from tasks import transfer as tr
 
         t1 = time.perf_counter()
-        remote_url = tr.remote_url(root, p.run.dvc_remote)
-        inputs = tr.push_inputs(root, stage, p.run.dvc_remote)
+        remote = p.run.dvc_remote
+        assert remote is not None  # params refuse transfer dvc for gpu stages without run.dvc_remote
+        remote_url = tr.remote_url(root, remote)
+        inputs = tr.push_inputs(root, stage, remote)
         stamps = {up: cache.read_stamp(root, up) for up in spec.upstream(stage)}
         dirs = tr.empty_dirs(root, [root / rel for rel in inputs])
         transfer = {"url": remote_url, "inputs": inputs, "dirs": dirs, "stamps": stamps, "origin": tr.origin(root)}
@@ -248,10 +250,12 @@ def _fetch_outputs(stage: str, p: Params, root: Path, done: dict, log) -> None:
     from tasks import transfer as tr
 
     t0 = time.perf_counter()
+    remote = p.run.dvc_remote
+    assert remote is not None  # params refuse transfer dvc for gpu stages without run.dvc_remote
     want = {p_.relative_to(root).as_posix() for p_ in Layout(root).outs(stage)}
     if set(done.get("outs") or {}) != want:
         raise MergeflowError(f"{stage}: the worker reported outputs {sorted(done.get('outs') or {})}, expected {sorted(want)}")
-    tr.pull(root, done["outs"], p.run.dvc_remote, f"pulling the outputs of {stage} from remote {p.run.dvc_remote!r}",
+    tr.pull(root, done["outs"], remote, f"pulling the outputs of {stage} from remote {remote!r}",
             done.get("dirs", []))
     stamp = done["stamp"]
     got = cache.outs_digest(Layout(root).outs(stage), root)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import mergeflow
 from mergeflow.io.atomic import write_json
@@ -86,7 +87,7 @@ def read_stamp(root: Path, stage: str) -> dict | None:
 
 def fingerprint(p: Params, root: Path, stage: str) -> str | None:
     """None when an upstream stage has no valid stamp (then this stage must run)."""
-    parts = {"stage": stage, "params": p.section(*spec.SPEC[stage].params), "code": spec.code_digest(stage), "upstream": {}}
+    parts: dict[str, Any] = {"stage": stage, "params": p.section(*spec.SPEC[stage].params), "code": spec.code_digest(stage), "upstream": {}}
     if stage == "download" and p.download.family is not None:
         # hub refs re-resolved (a branch may have moved), local folders re-hashed (cached by stat)
         from mergeflow.errors import MergeflowError

@@ -50,7 +50,8 @@ def source_tags(sources: dict) -> dict[str, str]:
     tags = {"mergeflow.family": sources.get("family", "zoo")}
     if sources.get("base"):
         tags["source.base"] = pin(sources["base"])
-    refs_of = sources.get("refs") if isinstance(sources.get("refs"), dict) else {}
+    listed = sources.get("refs")
+    refs_of = listed if isinstance(listed, dict) else {}
     for task, refs in refs_of.items():
         tags[f"source.{task}"] = pin(refs.get("model"))
         if refs.get("dataset"):

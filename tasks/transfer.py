@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -81,7 +82,7 @@ def push_inputs(root: Path, stage: str, remote: str) -> dict[str, str]:
     return hashes
 
 
-def pull(root: Path, hashes: dict[str, str], remote: str, what: str, dirs: list[str] = ()) -> None:
+def pull(root: Path, hashes: dict[str, str], remote: str, what: str, dirs: Sequence[str] = ()) -> None:
     """Fetch ``{relative path: DVC hash}`` from ``remote`` and put each in place at its path, whole
     (checked out into a scratch folder beside it, then swapped in; a killed pull leaves the old
     output, and the scratch folder is removed by the next run's clean-up); then make the empty
@@ -120,7 +121,7 @@ def worker_root(base: str, experiment: str, origin: str) -> Path:
     return Path(os.path.expanduser(base)) / f"{experiment}-{key}"
 
 
-def prepare_worker(root: Path, url: str, hashes: dict[str, str], stamps: dict[str, dict], dirs: list[str] = ()) -> None:
+def prepare_worker(root: Path, url: str, hashes: dict[str, str], stamps: dict[str, dict], dirs: Sequence[str] = ()) -> None:
     """Make ``root`` a DVC repository (no git) with the remote at ``url``, the inputs at ``hashes``
     and the parent's stamps of the upstream stages. Inputs already there with the same hash and
     untouched content are not pulled again."""

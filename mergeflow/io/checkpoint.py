@@ -60,7 +60,7 @@ class Checkpoint:
     Open file handles are released by ``close()`` (or ``with Checkpoint(ref) as ck:``).
     """
 
-    def __init__(self, ref: str | Path):
+    def __init__(self, ref: str | os.PathLike):
         self.path = Path(ref)
         if not self.path.exists():
             raise MergeflowError(f"checkpoint not found: {self.path}")

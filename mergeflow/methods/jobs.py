@@ -23,7 +23,7 @@ class MergeJob:
     vector: Callable[[str], Path]  # a task's task vector (extract stage)
     switch: Callable[[str], Path]  # a task's switch file (compress stage)
     queries: Callable[[], Path]  # the Auto-Switch query set (compress stage)
-    merge: Callable[..., None]  # merge(method, sources, hp, data=None): the engine into ``dst``
+    merge: Callable[..., object]  # merge(method, sources, hp, data=None): the engine into ``dst`` (its return unused)
     layer_inputs: Callable[[int], list]  # n exemplars' layer-input statistics per task
     log: Callable[[str], None] = print
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 
@@ -16,6 +16,9 @@ from mergeflow.models.causal_build import empty_model, load_config, model_names
 from mergeflow.models.causal_data import load_tokenizer, prepare_blocks
 from mergeflow.models.causal_lora import ADAPTER_CONFIG, Adapter, check_adapters, is_adapter
 from mergeflow.models.family import FROZEN, Sources
+
+if TYPE_CHECKING:
+    from mergeflow.io.checkpoint_like import ShardedLayout
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
@@ -26,19 +29,19 @@ class CheckpointView:
     """A checkpoint seen under other names or restricted to some tensors (``names``: output name
     -> name in ``ck``), for :class:`CheckpointWriter` to lay out its output like ``ck``."""
 
-    def __init__(self, ck, names: dict[str, str]):
+    def __init__(self, ck: ShardedLayout, names: dict[str, str]):
         self.ck, self.map, self.path = ck, names, ck.path
 
     def names(self) -> list[str]:
         return list(self.map)
 
-    def shape(self, name):
+    def shape(self, name: str) -> tuple[int, ...]:
         return self.ck.shape(self.map[name])
 
-    def tensor_dtype(self, name):
+    def tensor_dtype(self, name: str) -> torch.dtype:
         return self.ck.tensor_dtype(self.map[name])
 
-    def file_of(self, name):
+    def file_of(self, name: str) -> Path:
         return self.ck.file_of(self.map[name])
 
 
@@ -48,7 +51,11 @@ def copy_files(src: Path, dst: Path, names) -> None:
             shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
-def _int_option(value, key: str, allow_none: bool = False) -> int | None:
+@overload
+def _int_option(value: Any, key: str, allow_none: Literal[False] = False) -> int: ...
+@overload
+def _int_option(value: Any, key: str, allow_none: bool) -> int | None: ...
+def _int_option(value: Any, key: str, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

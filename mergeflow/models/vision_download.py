@@ -4,6 +4,7 @@ into ``checkpoints/`` (float32), each task's zero-shot head into ``heads/``, its
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ def prepare(sources: Sources, out: Path, log) -> dict:
     model, tokenizer, scale = text_tower(base_dir, base)
     heads_dir = out / "heads"
     heads_dir.mkdir(parents=True, exist_ok=True)
-    facts = {"metrics": {}, "classes": {}}
+    facts: dict[str, dict[str, Any]] = {"metrics": {}, "classes": {}}
     for task, ts in sources.tasks.items():
         ck = Checkpoint(ts.model.path)
         tensors = vision_tensors(ck, names, ts.model.path, fallback=base_tensors)

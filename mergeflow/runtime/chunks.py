@@ -91,6 +91,7 @@ def _step(ws: _Workspace, plan: _Plan, start: int, length: int, wdt: torch.dtype
         e = ws.get("d", wdt)[:length]
         c, pt = plan.binary[0]
         if reuse:
+            assert ws.last is not None  # the forward step just unpacked this chunk
             b8 = ws.last.neg_()
         else:
             b8 = ws.unpack(pt.bits, start, length, negate=(c > 0) == forward)
@@ -190,8 +191,8 @@ def _remove_chunks(flat: torch.Tensor, plan: _Plan, pieces: list[_Piece], ws: _W
         if piece.fused:
             if array is None:
                 array = kernels.as_array(flat)
-            x, bits, coefs = _kernel_view(array, plan, piece.start, piece.start + piece.length)
-            kernels.switch_remove(x, bits, coefs, piece.pos.numpy(), piece.vals.numpy())
+            xa, bits, coefs = _kernel_view(array, plan, piece.start, piece.start + piece.length)
+            kernels.switch_remove(xa, bits, coefs, piece.pos.numpy(), piece.vals.numpy())
             continue
         x = flat[piece.start:piece.start + piece.length]
         e, a = _step(ws, plan, piece.start, piece.length, wdt, forward=False)

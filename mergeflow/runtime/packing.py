@@ -141,7 +141,7 @@ class PackedSwitch:
     metadata: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_switch(cls, switch: Switch) -> "PackedSwitch":
+    def from_switch(cls, switch: Switch | PackedSwitch) -> "PackedSwitch":
         if isinstance(switch, PackedSwitch):
             return switch
         if not isinstance(switch, Switch):

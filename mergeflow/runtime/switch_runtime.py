@@ -364,6 +364,7 @@ class SwitchRuntime:
         for w, dense in plan.dense:
             term = dense.to(wdt) * w
             d = term if d is None else d.add_(term)
+        assert d is not None  # called for the tensors a dense switch tensor touches
         for c, pt in plan.binary:
             d.add_(unpack_ternary(pt.bits, pt.numel).reshape(pt.shape), alpha=c)
         p.copy_((p.to(wdt) + d).to(p.dtype))

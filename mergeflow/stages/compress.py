@@ -34,7 +34,9 @@ def run_unit(p: Params, lay: Layout, unit: str, work: Path, log: Log) -> dict:
         return {"bytes": queries.nbytes}
     task = unit
     vec = Checkpoint(require(lay.vectors / f"{task}.safetensors", "extract"))
-    switch = methods.get(p.compress.method).codec(vec.items(), p.compress.drop, metadata={"task": task})
+    codec = methods.get(p.compress.method).codec
+    assert codec is not None  # params validate that compress.method has a codec
+    switch = codec(vec.items(), p.compress.drop, metadata={"task": task})
     st = save_switch(work / f"{task}{SWITCH_SUFFIX}", switch, encoding=p.compress.encoding)
     n = sum(t.numel() for _, t in vec.items())
     stats = {

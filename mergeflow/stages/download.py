@@ -56,6 +56,7 @@ def resolve_sources(p: Params, log: Log = noop, root: Path | None = None):
     from mergeflow.models.family import Source, Sources, TaskSources
 
     d = p.download
+    assert d.family is not None and d.base is not None  # called for a family, whose params give a base (validated)
     family = get_family(d.family)
     offline = True if d.offline else None
     pins: dict = {"base": None, "refs": {}}
@@ -95,7 +96,7 @@ def resolve_sources(p: Params, log: Log = noop, root: Path | None = None):
     return sources, pins
 
 
-def upstream_state(p: Params, digest: Callable[[Path], str] | None = None) -> dict | None:
+def upstream_state(p: Params, digest: Callable[[Path], str | None] | None = None) -> dict | None:
     """What the download stage's sources are now, without downloading anything: every ``hf://``
     ref's current commit (the hub's, or offline the local cache's; None when not cached) and
     every local folder's content digest (``digest``, default :func:`fingerprint`). None for the zoo.

@@ -100,11 +100,12 @@ def code_files(stage: str) -> tuple[Path, ...]:
         parts = module.split(".")
         for i in range(1, len(parts) + 1):  # a module's packages run first
             name = ".".join(parts[:i])
-            if name in seen or _file(name) is None:
+            file = _file(name)
+            if name in seen or file is None:
                 continue
             seen.add(name)
-            todo.extend(_imported(_file(name), name) - seen)
-    return tuple(sorted({_file(m) for m in seen}))
+            todo.extend(_imported(file, name) - seen)
+    return tuple(sorted({f for m in seen if (f := _file(m)) is not None}))  # every module in seen has a file
 
 
 def code_deps(stage: str) -> list[str]:

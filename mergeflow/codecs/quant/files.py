@@ -127,7 +127,7 @@ def save_rtvq(path: str | os.PathLike, base: Mapping[str, QTensor], offsets: Seq
             if tuple(q.shape) != tuple(base[name].shape):
                 raise MergeflowError(f"rtvq offsets of task {t}: tensor {name} has shape {list(q.shape)}, "
                                      f"the base {list(base[name].shape)}")
-    entries = [("base", name, q) for name, q in base.items()]
+    entries: list[tuple[Any, str, QTensor]] = [("base", name, q) for name, q in base.items()]  # part: "base" or a task
     entries += [(t, name, off[name]) for t, off in enumerate(offsets) for name in base]
     return _save(path, RESIDUAL, entries, {"n_tasks": len(offsets)}, metadata)
 
