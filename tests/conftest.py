@@ -29,3 +29,10 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+def pytest_collection_modifyitems(items):
+    """Every test on the session's Prefect server is a ``server`` test (``-m "not server"`` skips them)."""
+    for item in items:
+        if "prefect_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)

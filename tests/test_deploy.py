@@ -61,6 +61,7 @@ def deployed(ws, api_url):
     return res.output
 
 
+@pytest.mark.subprocess  # the workspace: git and dvc init
 def test_deploy_registers_scheduled_pipeline_and_stage_deployments(ws, deployed):
     """The pipeline deployment carries the cron schedule and the params file's path; the stage
     deployment sits on the gpu pool; both pools were created as process pools."""
@@ -86,6 +87,7 @@ def _sqlalchemy_21() -> bool:
     return tuple(int(x) for x in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)
 
 
+@pytest.mark.subprocess  # the workspace: git and dvc init
 @pytest.mark.xfail(_sqlalchemy_21(), strict=True, raises=sqlalchemy.exc.InvalidRequestError, reason="SQLAlchemy 2.1 breaks the Prefect 3.8 server's scheduler: its bulk "
                    "insert of scheduled flow runs raises 'Can't evaluate bulk DML statement' (pin sqlalchemy<2.1)")
 def test_server_scheduler_creates_the_cron_runs(ws, deployed):
@@ -116,6 +118,7 @@ def test_server_scheduler_creates_the_cron_runs(ws, deployed):
         assert run.expected_start_time.utcoffset().total_seconds() == 0
 
 
+@pytest.mark.subprocess  # the workspace: git and dvc init
 def test_deploy_refuses_a_bad_cron_on_one_line(ws, api_url):
     from flows.cli import app
 
@@ -124,6 +127,7 @@ def test_deploy_refuses_a_bad_cron_on_one_line(ws, api_url):
     assert res.output.strip() == "mergeflow: error: --cron 'every night': not a cron expression (e.g. \"0 2 * * *\": every day at 02:00)"
 
 
+@pytest.mark.subprocess  # the workspace: git and dvc init
 def test_missing_server_pool_or_stage_deployment_is_one_line(ws, api_url, deployed):
     from flows.deploy import ensure_process_pool
     from flows.remote import run_on_pool
@@ -151,10 +155,11 @@ def _env(api_url: str) -> dict:
                 PREFECT_LOGGING_LEVEL="INFO", PREFECT_WORKER_QUERY_SECONDS="1", OMP_NUM_THREADS="1")
 
 
-@pytest.fixture
-def gpu_worker(api_url, tmp_path):
-    """``prefect worker start --pool gpu --type process``: a subprocess in its own process group."""
-    log = tmp_path / "worker.log"
+@pytest.fixture(scope="module")
+def gpu_worker(api_url, deployed, tmp_path_factory):
+    """``prefect worker start --pool gpu --type process``: a subprocess in its own process group, one
+    for the module's tests (each tells its flow runs apart by id); started once the pool exists."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "process",
                                  "--name", "gpu-test-worker"], env=_env(api_url), stdout=out, stderr=subprocess.STDOUT,
@@ -162,15 +167,24 @@ def gpu_worker(api_url, tmp_path):
     try:
         yield proc, log
     finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 5) -> None:
+    """SIGTERM to the process group, SIGKILL after ``grace`` seconds."""
+    try:
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        proc.wait()
 
 
-# SLOW (about a minute): three Prefect processes and a small pipeline on 2 cores
+# SLOW (40-60 s): three Prefect processes and a small pipeline on 2 cores
+@pytest.mark.subprocess
+@pytest.mark.timeout(240)
 def test_triggered_run_sends_merge_and_evaluate_to_the_gpu_worker(ws, deployed, api_url, gpu_worker):
     """Trigger the deployed pipeline; its flow run is executed here (`prefect flow-run execute`, what a
     worker of the `mergeflow` pool does); merge and evaluate go to the gpu pool's worker process."""
@@ -237,7 +251,9 @@ def _files(root: Path) -> dict[str, bytes | None]:
     return {f.relative_to(root).as_posix(): f.read_bytes() if f.is_file() else None for f in sorted(root.rglob("*"))}
 
 
-# SLOW (about a minute): a small pipeline whose merge and evaluate stages run on the worker
+# SLOW (60-90 s): two small pipelines whose merge and evaluate stages run on the worker
+@pytest.mark.subprocess
+@pytest.mark.timeout(360)
 def test_dvc_transfer_moves_the_artifacts_through_the_remote(deployed, api_url, gpu_worker, tmp_path):
     """``run.gpu.transfer: dvc``: the worker gets no path into the pipeline's workspace; it pulls
     the stage inputs from the DVC remote into its own copy, runs merge and evaluate there and
@@ -299,6 +315,8 @@ def test_dvc_transfer_needs_a_remote_named_in_params():
         validate(params)
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(180)  # beyond its own 60 s waits, which say what went wrong
 def test_serve_registers_the_schedule_and_pauses_it_on_shutdown(ws, api_url, deployed):
     """``mergeflow serve`` (a subprocess): the served deployment carries the cron schedule while it
     runs; interrupted, it pauses the schedule (Prefect's ``pause_on_shutdown``)."""

@@ -37,6 +37,9 @@ def test_units_of_each_stage():
         stages.units("download", p, Path("/nowhere"))
 
 
+@pytest.mark.server  # a Dask LocalCluster, beside the session's Prefect server
+@pytest.mark.subprocess  # its worker processes, git and dvc init
+@pytest.mark.timeout(150)
 def test_dask_gives_the_thread_runners_results(tmp_path, prefect_server):
     pytest.importorskip("prefect_dask")
     threads = pipeline_workspace(tmp_path / "threads", params(task_runner="threads", workers=2))
