@@ -16,6 +16,7 @@ task vectors) are all but absent. Generated sets are cached under a directory ke
 (dtype included), the number of fine-tunes, the delta scale, the seed and the sharding, with a
 ``COMPLETE`` marker written last, so reruns reuse them and a killed generation is redone.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,6 +37,7 @@ DTYPES = {  # name: (torch dtype, safetensors dtype, bytes per element)
     "bfloat16": (torch.bfloat16, "BF16", 2),
     "float32": (torch.float32, "F32", 4),
 }
+
 
 @dataclass(frozen=True)
 class LlamaSpec:
@@ -132,8 +134,12 @@ def preset(size: str, dtype: str = "bfloat16") -> LlamaSpec:
     if dtype == "bfloat16":
         return spec
     scale = DTYPES["bfloat16"][2] / DTYPES[dtype][2]
-    return replace(spec, num_hidden_layers=max(1, round(spec.num_hidden_layers * scale)),
-                   vocab_size=max(256, round(spec.vocab_size * scale)), dtype=dtype)
+    return replace(
+        spec,
+        num_hidden_layers=max(1, round(spec.num_hidden_layers * scale)),
+        vocab_size=max(256, round(spec.vocab_size * scale)),
+        dtype=dtype,
+    )
 
 
 def spec_with_bytes(target_bytes: int, base: LlamaSpec = PRESETS["large"], dtype: str = "bfloat16") -> LlamaSpec:
@@ -155,8 +161,14 @@ def _numel(shape) -> int:
 class StreamingSafetensorsWriter:
     """Writes a safetensors file whose tensor list is known up front, one tensor at a time."""
 
-    def __init__(self, path: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str = "BF16", itemsize: int = 2,
-                 metadata: dict | None = None):
+    def __init__(
+        self,
+        path: Path,
+        tensors: list[tuple[str, tuple[int, ...]]],
+        dtype: str = "BF16",
+        itemsize: int = 2,
+        metadata: dict | None = None,
+    ):
         self.path, self.order, self.itemsize = Path(path), [n for n, _ in tensors], itemsize
         header, offset = {}, 0
         for name, shape in tensors:
@@ -219,14 +231,17 @@ class _ModelWriter:
         self.writers, self.by_name = [], {}
         for j, group in enumerate(groups):
             fname = "model.safetensors" if len(groups) == 1 else f"model-{j + 1:05d}-of-{len(groups):05d}.safetensors"
-            w = StreamingSafetensorsWriter(path / fname, group, dtype=DTYPES[spec.dtype][1], itemsize=spec.itemsize,
-                                           metadata={"format": "pt"})
+            w = StreamingSafetensorsWriter(
+                path / fname, group, dtype=DTYPES[spec.dtype][1], itemsize=spec.itemsize, metadata={"format": "pt"}
+            )
             self.writers.append(w)
             for name, _ in group:
                 self.by_name[name] = (w, fname)
         if len(groups) > 1:
-            index = {"metadata": {"total_size": spec.n_bytes()},
-                     "weight_map": {name: fname for name, (_, fname) in self.by_name.items()}}
+            index = {
+                "metadata": {"total_size": spec.n_bytes()},
+                "weight_map": {name: fname for name, (_, fname) in self.by_name.items()},
+            }
             (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def write(self, name: str, t: torch.Tensor) -> None:
@@ -259,12 +274,15 @@ def _key(spec: LlamaSpec, n_ft: int, delta: float, seed: int, base_shards: int) 
     return hashlib.sha1(blob).hexdigest()[:10]
 
 
-def generate(workdir: Path, spec: LlamaSpec, n_finetunes: int = 4, delta: float = 0.02, seed: int = 0,
-             base_shards: int = 1, log=print) -> ModelSet:
+def generate(
+    workdir: Path, spec: LlamaSpec, n_finetunes: int = 4, delta: float = 0.02, seed: int = 0, base_shards: int = 1, log=print
+) -> ModelSet:
     """Generate (or reuse) base + ``n_finetunes`` fine-tunes under ``workdir``; returns their paths."""
     tag = "" if spec.dtype == "bfloat16" else f"-{spec.dtype}"
-    name = (f"llama-{spec.n_params() / 1e6:.0f}M-h{spec.hidden_size}-L{spec.num_hidden_layers}{tag}"
-            f"-ft{n_finetunes}-d{delta:g}-s{seed}-sh{base_shards}-{_key(spec, n_finetunes, delta, seed, base_shards)}")
+    name = (
+        f"llama-{spec.n_params() / 1e6:.0f}M-h{spec.hidden_size}-L{spec.num_hidden_layers}{tag}"
+        f"-ft{n_finetunes}-d{delta:g}-s{seed}-sh{base_shards}-{_key(spec, n_finetunes, delta, seed, base_shards)}"
+    )
     root = Path(workdir) / name
     ms = ModelSet(root, root / "base", [root / f"ft{t}" for t in range(n_finetunes)], spec)
     if (root / "COMPLETE").exists():
@@ -276,15 +294,17 @@ def generate(workdir: Path, spec: LlamaSpec, n_finetunes: int = 4, delta: float 
     free = shutil.disk_usage(Path(workdir).resolve().anchor if not Path(workdir).exists() else workdir).free
     if total > free - (1 << 30):
         raise SystemExit(f"not enough disk for {total / 1e9:.1f} GB of checkpoints in {workdir} ({free / 1e9:.1f} GB free)")
-    log(f"generating {root}: base + {n_finetunes} fine-tunes, {spec.n_params() / 1e6:.1f}M params each "
-        f"({spec.dtype}, {spec.n_bytes() / 1e6:.0f} MB), {total / 1e9:.2f} GB in all")
+    log(
+        f"generating {root}: base + {n_finetunes} fine-tunes, {spec.n_params() / 1e6:.1f}M params each "
+        f"({spec.dtype}, {spec.n_bytes() / 1e6:.0f} MB), {total / 1e9:.2f} GB in all"
+    )
     t0 = time.perf_counter()
     writers = [_ModelWriter(ms.base, spec, base_shards)] + [_ModelWriter(p, spec, 1) for p in ms.finetunes]
     g = torch.Generator().manual_seed(seed)
     tdtype = DTYPES[spec.dtype][0]
     for tname, shape in spec.tensors():
         # nominal RMS of the base tensor: N(0, 0.02^2) matrices, RMSNorm weights 1 + N(0, 0.05^2)
-        rms = (1 + 0.05 ** 2) ** 0.5 if len(shape) == 1 else 0.02
+        rms = (1 + 0.05**2) ** 0.5 if len(shape) == 1 else 0.02
         rows = max(1, CHUNK // _numel(shape[1:]))  # generate a few rows at a time: memory stays small
         for r0 in range(0, shape[0], rows):
             cshape = (min(rows, shape[0] - r0), *shape[1:])
@@ -300,8 +320,12 @@ def generate(workdir: Path, spec: LlamaSpec, n_finetunes: int = 4, delta: float 
     for w in writers:
         w.close()
     os.sync()
-    (root / "COMPLETE").write_text(json.dumps({"spec": asdict(spec), "finetunes": n_finetunes, "delta": delta,
-                                               "seed": seed, "base_shards": base_shards}, indent=2) + "\n")
+    (root / "COMPLETE").write_text(
+        json.dumps(
+            {"spec": asdict(spec), "finetunes": n_finetunes, "delta": delta, "seed": seed, "base_shards": base_shards}, indent=2
+        )
+        + "\n"
+    )
     log(f"generated in {time.perf_counter() - t0:.1f} s")
     return ms
 

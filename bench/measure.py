@@ -14,6 +14,7 @@ Peak memory:
   anon RSS     the largest polled sum of RssAnon (private memory: what cannot be dropped by
                the kernel), for diagnosis; RssFile is the mmap'ed file part.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,14 @@ sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
 
 
-def run_measured(cmd: list[str], log: Path, env: dict | None = None, interval: float = 0.02,
-                 cwd: str | None = None, rss_limit: int | None = None) -> RunResult:
+def run_measured(
+    cmd: list[str],
+    log: Path,
+    env: dict | None = None,
+    interval: float = 0.02,
+    cwd: str | None = None,
+    rss_limit: int | None = None,
+) -> RunResult:
     """Run ``cmd`` (stdout+stderr to ``log``), returning wall time and peak memory.
 
     ``rss_limit`` (bytes): kill the command's process tree once its summed RSS passes this, to
@@ -84,8 +91,13 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None, interval: f
     stats = Path(str(log) + ".rusage")
     stats.unlink(missing_ok=True)
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _LAUNCHER, str(stats), *cmd],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(stats), *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+        )
 
         def poll() -> None:
             try:
@@ -126,8 +138,9 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None, interval: f
     except (OSError, ValueError):
         raise RuntimeError(f"launcher for {cmd[0]} failed (rc {rc}); see {log}") from None
     stats.unlink()
-    return RunResult(cmd, rc, float(wall), int(maxrss_kb) * 1024, peaks["tree"], peaks["anon"], Path(log),
-                     bool(peaks.get("killed")))
+    return RunResult(
+        cmd, rc, float(wall), int(maxrss_kb) * 1024, peaks["tree"], peaks["anon"], Path(log), bool(peaks.get("killed"))
+    )
 
 
 def drop_writeback() -> None:

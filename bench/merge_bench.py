@@ -37,6 +37,7 @@ Ratios: time = mergekit wall / mergeflow wall (higher is better for mergeflow);
         RSS  = mergeflow peak / mergekit peak (lower is better for mergeflow).
 Targets (issue 3): Task Arithmetic >= 3x, TIES >= 10x faster, RSS ratio <= 0.5, rel diff <= 1e-3.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,8 +93,12 @@ def ensure_mergekit(venv: Path) -> str:
         log(f"installing mergekit into {venv} (a few minutes) ...")
         subprocess.run([shutil.which("python3") or sys.executable, "-m", "venv", str(venv)], check=True)
         subprocess.run([str(venv / "bin/pip"), "install", "--quiet", *MERGEKIT_PINS], check=True)
-    out = subprocess.run([str(venv / "bin/python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip()
 
 
@@ -116,8 +121,20 @@ def mergekit_config(method: str, base: Path, finetunes: list[Path], dtype: str |
 def tool_command(tool: str, method: str, ms, out: Path, work: Path, args) -> list[str]:
     if tool == "mergeflow":
         sets = [x for s in METHODS[method][0] for x in ("--set", s)]
-        return [str(args.mergeflow), "merge", "--method", method, "--base", str(ms.base), "--out", str(out),
-                *sets, "--device", "cpu", *map(str, ms.finetunes)]
+        return [
+            str(args.mergeflow),
+            "merge",
+            "--method",
+            method,
+            "--base",
+            str(ms.base),
+            "--out",
+            str(out),
+            *sets,
+            "--device",
+            "cpu",
+            *map(str, ms.finetunes),
+        ]
     dtype = "float32" if tool == "mergekit" else None
     cfg = work / f"{method}-{tool}.yml"
     cfg.write_text(mergekit_config(method, ms.base, ms.finetunes, dtype, ms.spec.dtype))
@@ -141,8 +158,14 @@ def _trimmed(taus: list[torch.Tensor], exact_k: bool, density: float = 0.2) -> t
     return torch.stack(out)
 
 
-def reference(method: str, base: torch.Tensor, fts: list[torch.Tensor], exact_k: bool = False,
-              plus_on_zero: bool = False, cache: dict | None = None) -> torch.Tensor:
+def reference(
+    method: str,
+    base: torch.Tensor,
+    fts: list[torch.Tensor],
+    exact_k: bool = False,
+    plus_on_zero: bool = False,
+    cache: dict | None = None,
+) -> torch.Tensor:
     """METHODS.md's definition in float32, rounded to the base dtype. TIES variants as mergekit
     computes it: ``exact_k`` trims to exactly k = max(1, int(density*n)) entries by a descending
     argsort (ties at the threshold broken arbitrarily) instead of keeping every entry >= the k-th
@@ -175,8 +198,21 @@ def compare_many(ms, sources: dict, pairs: list[tuple[str, str]]) -> dict:
     differ. ``sources`` maps a label to a callable (name, cache) -> tensor."""
     basec = LazyCkpt(ms.base)
     fts = [LazyCkpt(p) for p in ms.finetunes]
-    stats = {p: {"rel_l2": 0.0, "worst": "", "rel_max": 0.0, "rel_delta": 0.0, "ndiff": 0, "n": 0,
-                 "sq_d": 0.0, "sq_b": 0.0, "sq_ch": 0.0, "rel_l2_2d": 0.0} for p in pairs}
+    stats = {
+        p: {
+            "rel_l2": 0.0,
+            "worst": "",
+            "rel_max": 0.0,
+            "rel_delta": 0.0,
+            "ndiff": 0,
+            "n": 0,
+            "sq_d": 0.0,
+            "sq_b": 0.0,
+            "sq_ch": 0.0,
+            "rel_l2_2d": 0.0,
+        }
+        for p in pairs
+    }
     need = {x for p in pairs for x in p}
     for name in basec.names():
         cache = {"base": basec.get(name), "fts": None, "_fts": fts}
@@ -229,25 +265,37 @@ def ref_source(method: str, exact_k: bool = False, plus_on_zero: bool = False):
 def warm_kernels(mergeflow_exe: Path) -> float:
     """Compile (or load) mergeflow's fused kernels once, in the interpreter the timed runs use."""
     python = Path(mergeflow_exe).parent / "python"
-    out = subprocess.run([str(python), "-c", "from mergeflow import kernels; print(kernels.warm())"],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(python), "-c", "from mergeflow import kernels; print(kernels.warm())"], check=True, capture_output=True, text=True
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="medium", choices=sorted(PRESETS),
-                    help="model preset (default medium: ~166M params in bf16, ~83M in float32, ~332 MB per file)")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES),
-                    help="dtype of the generated base and fine-tunes (default bfloat16; float32: ties at the TIES "
-                         "threshold nearly vanish, so mergekit's and METHODS.md's tie rules coincide)")
+    ap.add_argument(
+        "--size",
+        default="medium",
+        choices=sorted(PRESETS),
+        help="model preset (default medium: ~166M params in bf16, ~83M in float32, ~332 MB per file)",
+    )
+    ap.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=sorted(DTYPES),
+        help="dtype of the generated base and fine-tunes (default bfloat16; float32: ties at the TIES "
+        "threshold nearly vanish, so mergekit's and METHODS.md's tie rules coincide)",
+    )
     ap.add_argument("--finetunes", type=int, default=4)
     ap.add_argument("--delta", type=float, default=0.02, help="fine-tune delta std relative to each tensor's RMS (default 0.02)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-shards", type=int, default=1, help="write the base in this many shards (+ index)")
     ap.add_argument("--methods", default="task_arithmetic,ties")
-    ap.add_argument("--tools", default="mergeflow,mergekit,mergekit-native",
-                    help="default mergeflow,mergekit,mergekit-native (mergekit-native is dropped for float32 inputs)")
+    ap.add_argument(
+        "--tools",
+        default="mergeflow,mergekit,mergekit-native",
+        help="default mergeflow,mergekit,mergekit-native (mergekit-native is dropped for float32 inputs)",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and method; the best wall time is kept")
     ap.add_argument("--no-reference", action="store_true", help="skip the float32 reference merges (faster)")
     ap.add_argument("--workdir", type=Path, default=HERE / ".work")
@@ -273,14 +321,20 @@ def main(argv=None) -> int:
     read_all(files)
     nbytes, t_read = read_all(files)
     mem_total = int(open("/proc/meminfo").read().split("MemTotal:")[1].split()[0]) * 1024
-    log(f"# {spec.n_params() / 1e6:.1f}M params per model ({spec.n_bytes() / 1e6:.0f} MB in {spec.dtype}: hidden "
+    log(
+        f"# {spec.n_params() / 1e6:.1f}M params per model ({spec.n_bytes() / 1e6:.0f} MB in {spec.dtype}: hidden "
         f"{spec.hidden_size}, {spec.num_hidden_layers} layers, vocab {spec.vocab_size}), base + {args.finetunes} "
-        f"fine-tunes, base in {args.base_shards} shard(s); inputs {nbytes / 1e9:.2f} GB")
+        f"fine-tunes, base in {args.base_shards} shard(s); inputs {nbytes / 1e9:.2f} GB"
+    )
     log(f"# read all inputs once from the page cache: {t_read:.3f} s ({nbytes / t_read / 1e9:.1f} GB/s)")
-    log(f"# mergeflow kernel warm-up: {warm_kernels(args.mergeflow):.1f} s (numba compiles them on first use after an "
-        "install and caches them on disk; each later process loads them in ~0.6 s, inside the timed runs)")
-    log(f"# mergekit {mk_version} ({args.mergekit_venv}), torch {torch.__version__}, cpus {os.cpu_count()}, "
-        f"RAM {mem_total / 2**30:.1f} GiB, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    log(
+        f"# mergeflow kernel warm-up: {warm_kernels(args.mergeflow):.1f} s (numba compiles them on first use after an "
+        "install and caches them on disk; each later process loads them in ~0.6 s, inside the timed runs)"
+    )
+    log(
+        f"# mergekit {mk_version} ({args.mergekit_venv}), torch {torch.__version__}, cpus {os.cpu_count()}, "
+        f"RAM {mem_total / 2**30:.1f} GiB, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    )
 
     out_root = args.workdir / "out"
     results, diffs = {}, {}
@@ -299,8 +353,10 @@ def main(argv=None) -> int:
                     log(f"!! {tool} {method} failed (rc {r.rc}); log {r.log}:\n   " + "\n   ".join(tail))
                     best = r
                     break
-                log(f"   {method:<16} {tool:<16} run {rep + 1}: {r.wall_s:7.2f} s, peak RSS {r.peak / 2**20:7.0f} MiB "
-                    f"(anon {r.anon_rss / 2**20:.0f} MiB)")
+                log(
+                    f"   {method:<16} {tool:<16} run {rep + 1}: {r.wall_s:7.2f} s, peak RSS {r.peak / 2**20:7.0f} MiB "
+                    f"(anon {r.anon_rss / 2**20:.0f} MiB)"
+                )
                 if best is None or r.wall_s < best.wall_s:
                     best = r
             results[(method, tool)] = best
@@ -327,9 +383,11 @@ def main(argv=None) -> int:
 
     # ---- report
     print()
-    print(f"## merge: {args.finetunes} fine-tunes of a {spec.n_params() / 1e6:.0f}M-param LLaMA ({spec.dtype}, "
-          f"{spec.n_bytes() / 1e6:.0f} MB per model, {nbytes / 1e9:.2f} GB of inputs; page-cache read of all inputs "
-          f"{t_read:.2f} s)")
+    print(
+        f"## merge: {args.finetunes} fine-tunes of a {spec.n_params() / 1e6:.0f}M-param LLaMA ({spec.dtype}, "
+        f"{spec.n_bytes() / 1e6:.0f} MB per model, {nbytes / 1e9:.2f} GB of inputs; page-cache read of all inputs "
+        f"{t_read:.2f} s)"
+    )
     hdr = f"{'method':<16} {'tool':<16} {'wall s':>8} {'peak RSS MiB':>13} {'anon MiB':>9} {'x read':>7} {'mergekit/mf time':>17} {'mf/mergekit RSS':>16}"
     print(hdr)
     print("-" * len(hdr))
@@ -345,16 +403,20 @@ def main(argv=None) -> int:
             if tool != "mergeflow" and mf is not None and mf.rc == 0:
                 tr = f"{r.wall_s / mf.wall_s:.1f}x"
                 rr = f"{mf.peak / r.peak:.2f}"
-            print(f"{method:<16} {tool:<16} {r.wall_s:>8.2f} {r.peak / 2**20:>13.0f} {r.anon_rss / 2**20:>9.0f} "
-                  f"{r.wall_s / t_read:>6.0f}x {tr:>17} {rr:>16}")
+            print(
+                f"{method:<16} {tool:<16} {r.wall_s:>8.2f} {r.peak / 2**20:>13.0f} {r.anon_rss / 2**20:>9.0f} "
+                f"{r.wall_s / t_read:>6.0f}x {tr:>17} {rr:>16}"
+            )
         mk = results.get((method, "mergekit"))
         if mf is not None and mk is not None and mf.rc == 0 and mk.rc == 0:
             per = diffs.get(method, {})
             raw = per.get(("mergeflow", "mergekit"), {}).get("rel_l2", float("nan"))
             sp, rss = mk.wall_s / mf.wall_s, mf.peak / mk.peak
-            line = (f"{method}: {sp:.1f}x faster (target >= {TARGET_SPEEDUP[method]:g}x: {_ok(sp >= TARGET_SPEEDUP[method])}), "
-                    f"RSS ratio {rss:.2f} (target <= 0.5: {_ok(rss <= 0.5)}), rel_l2 mergeflow vs mergekit {raw:.1e} "
-                    f"(target <= 1e-3: {_ok(raw <= 1e-3)})")
+            line = (
+                f"{method}: {sp:.1f}x faster (target >= {TARGET_SPEEDUP[method]:g}x: {_ok(sp >= TARGET_SPEEDUP[method])}), "
+                f"RSS ratio {rss:.2f} (target <= 0.5: {_ok(rss <= 0.5)}), rel_l2 mergeflow vs mergekit {raw:.1e} "
+                f"(target <= 1e-3: {_ok(raw <= 1e-3)})"
+            )
             if spec.dtype != "bfloat16":
                 # float32 inputs: ties at the threshold and exact zero sums (nearly) vanish, so the
                 # direct comparison above is the agreement figure; the references only confirm it
@@ -362,16 +424,20 @@ def main(argv=None) -> int:
                 if ("mergekit", "ref-mk") in per:
                     tie = per[("ref-mk", "ref")]["rel_l2"]
                     own = max(per[("mergeflow", "ref")]["rel_l2"], per[("mergekit", "ref")]["rel_l2"])
-                    line += (f";\n      the tie rules differ by {tie:.1e} on these inputs; each tool vs the float32 "
-                             f"reference of METHODS.md {own:.1e}")
+                    line += (
+                        f";\n      the tie rules differ by {tie:.1e} on these inputs; each tool vs the float32 "
+                        f"reference of METHODS.md {own:.1e}"
+                    )
                 elif ("mergeflow", "ref") in per and ("mergekit", "ref") in per:
                     own = max(per[("mergeflow", "ref")]["rel_l2"], per[("mergekit", "ref")]["rel_l2"])
                     line += f";\n      each tool vs the float32 reference {own:.1e}"
             elif ("mergekit", "ref-mk") in per:
                 own = max(per[("mergeflow", "ref")]["rel_l2"], per[("mergekit", "ref-mk")]["rel_l2"])
                 tie = per[("ref-mk", "ref")]["rel_l2"]
-                line += (f";\n      each vs the float32 reference of its own tie rule {own:.1e} ({_ok(own <= 1e-3)}); "
-                         f"the tie rules alone differ by {tie:.1e}")
+                line += (
+                    f";\n      each vs the float32 reference of its own tie rule {own:.1e} ({_ok(own <= 1e-3)}); "
+                    f"the tie rules alone differ by {tie:.1e}"
+                )
             verdict.append(line)
         else:
             failed = [t for t in ("mergeflow", "mergekit") if results.get((method, t)) is not None and results[(method, t)].rc]
@@ -389,26 +455,49 @@ def main(argv=None) -> int:
         print("   ref         float32 reference of METHODS.md (TIES: every entry >= the k-th largest kept; sign 0 on a zero sum)")
         print("   ref-mk      TIES as mergekit computes it: exactly k kept (argsort), sign + on a zero sum")
         print("   ref-exact-k / ref-plus0: only one of those two changes, to attribute the difference")
-        hdr = (f"{'method':<16} {'a':<16} {'b':<16} {'rel_l2':>9} {'2-D':>9} {'model':>9} {'rel_max':>9} {'rel_delta':>9} "
-               f"{'differ':>8}  worst")
+        hdr = (
+            f"{'method':<16} {'a':<16} {'b':<16} {'rel_l2':>9} {'2-D':>9} {'model':>9} {'rel_max':>9} {'rel_delta':>9} "
+            f"{'differ':>8}  worst"
+        )
         print(hdr)
         print("-" * len(hdr))
         for method, per in diffs.items():
             for (a, b), st in per.items():
-                print(f"{method:<16} {a:<16} {b:<16} {st['rel_l2']:>9.2e} {st['rel_l2_2d']:>9.2e} {st['model_l2']:>9.2e} "
-                      f"{st['rel_max']:>9.2e} {st['rel_delta']:>9.2e} {_pct(st['frac_diff']):>8}  {st['worst']}")
+                print(
+                    f"{method:<16} {a:<16} {b:<16} {st['rel_l2']:>9.2e} {st['rel_l2_2d']:>9.2e} {st['model_l2']:>9.2e} "
+                    f"{st['rel_max']:>9.2e} {st['rel_delta']:>9.2e} {_pct(st['frac_diff']):>8}  {st['worst']}"
+                )
 
     print(f"\n## summary ({spec.dtype} inputs; ratios vs mergekit with the same float32 arithmetic, 'mergekit' row)")
     for v in verdict:
         print("  " + v)
     if args.json:
-        args.json.write_text(json.dumps({
-            "dtype": spec.dtype, "size": args.size, "params": spec.n_params(), "model_bytes": spec.n_bytes(),
-            "input_bytes": nbytes, "read_s": t_read, "mergekit": mk_version,
-            "runs": {f"{m}/{t}": {"rc": r.rc, "wall_s": r.wall_s, "peak_rss": r.peak, "ru_maxrss": r.peak_rss,
-                                   "tree_rss": r.tree_rss, "anon_rss": r.anon_rss} for (m, t), r in results.items()},
-            "diffs": {m: {f"{a}|{b}": st for (a, b), st in per.items()} for m, per in diffs.items()},
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "dtype": spec.dtype,
+                    "size": args.size,
+                    "params": spec.n_params(),
+                    "model_bytes": spec.n_bytes(),
+                    "input_bytes": nbytes,
+                    "read_s": t_read,
+                    "mergekit": mk_version,
+                    "runs": {
+                        f"{m}/{t}": {
+                            "rc": r.rc,
+                            "wall_s": r.wall_s,
+                            "peak_rss": r.peak,
+                            "ru_maxrss": r.peak_rss,
+                            "tree_rss": r.tree_rss,
+                            "anon_rss": r.anon_rss,
+                        }
+                        for (m, t), r in results.items()
+                    },
+                    "diffs": {m: {f"{a}|{b}": st for (a, b), st in per.items()} for m, per in diffs.items()},
+                },
+                indent=2,
+            )
+        )
     return 0 if all(r.rc == 0 for r in results.values()) else 1
 
 

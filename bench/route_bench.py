@@ -12,6 +12,7 @@ agree exactly (neighbour ties at equal distance may break differently). Examples
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/route_bench.py
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/route_bench.py --queries 1000 --batch 1024
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ def embeddings(centres: torch.Tensor, per_task: int, spread: float, gen: torch.G
     """``per_task`` normalised points around each task's centre, and their task."""
     n_tasks, dim = centres.shape
     labels = torch.arange(n_tasks).repeat_interleave(per_task)
-    points = centres[labels] + spread * torch.randn(len(labels), dim, generator=gen) / dim ** 0.5
+    points = centres[labels] + spread * torch.randn(len(labels), dim, generator=gen) / dim**0.5
     return torch.nn.functional.normalize(points, dim=-1), labels
 
 
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=512, help="embedding size (CLIP ViT-B/32: 512)")
     ap.add_argument("--batch", type=int, default=4096, help="inputs routed per call")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--spread", type=float, default=1.0, help="noise norm around each task's centre (unit vectors about 1.4 apart)")
+    ap.add_argument(
+        "--spread", type=float, default=1.0, help="noise norm around each task's centre (unit vectors about 1.4 apart)"
+    )
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
 
@@ -64,8 +67,10 @@ def main(argv: list[str] | None = None) -> None:
 
     ours = route(queries, x, args.k)
     t_ours = best(lambda: route(queries, x, args.k), args.repeat)
-    print(f"{args.batch} inputs, {len(q_lab)} queries ({args.tasks} tasks x {args.queries}), dim {args.dim}, k {args.k}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.batch} inputs, {len(q_lab)} queries ({args.tasks} tasks x {args.queries}), dim {args.dim}, k {args.k}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"{'router':<44} {'ms':>9} {'inputs/s':>12} {'ratio':>7}")
     print(f"{'mergeflow.autoswitch.route':<44} {1e3 * t_ours:>9.2f} {args.batch / t_ours:>12,.0f} {1.0:>7.2f}")
     try:
@@ -77,12 +82,15 @@ def main(argv: list[str] | None = None) -> None:
     xn = x.numpy()
     theirs = torch.from_numpy(knn.predict_proba(xn)).float()
     t_peer = best(lambda: knn.predict_proba(xn), args.repeat)
-    print(f"{'sklearn KNeighborsClassifier (brute) proba':<44} {1e3 * t_peer:>9.2f} {args.batch / t_peer:>12,.0f} "
-          f"{t_peer / t_ours:>7.2f}")
+    print(
+        f"{'sklearn KNeighborsClassifier (brute) proba':<44} {1e3 * t_peer:>9.2f} {args.batch / t_peer:>12,.0f} "
+        f"{t_peer / t_ours:>7.2f}"
+    )
     same = (ours == theirs).all(dim=1).float().mean().item()
     top = (ours.argmax(1) == x_lab).float().mean().item()
-    print(f"ratio = peer time / ours. Rows of weights equal to the peer's: {same:.4f}; "
-          f"routing accuracy of these inputs: {top:.4f}")
+    print(
+        f"ratio = peer time / ours. Rows of weights equal to the peer's: {same:.4f}; routing accuracy of these inputs: {top:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ Throughput is input bytes / time. The copy bandwidth is bytes copied / time for 
 "% of copy" is selection throughput / copy throughput, i.e. how many tensor copies' worth of time
 a selection costs (100% = as fast as copying the tensor once). All ratios come from this run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,8 +113,10 @@ def main(argv=None) -> int:
         baselines.insert(0, "kthvalue")  # the reference for exactness and for the headline ratio
 
     print(f"# select_bench: n={n:,} float32 ({n * 4 / 2**20:.0f} MiB), keeps {keeps}, repeat {args.repeat}, device {device}")
-    print(f"# torch {torch.__version__}, numpy {np.__version__}, torch threads {torch.get_num_threads()}, "
-          f"cpus {os.cpu_count()}, {platform.processor() or platform.machine()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(
+        f"# torch {torch.__version__}, numpy {np.__version__}, torch threads {torch.get_num_threads()}, "
+        f"cpus {os.cpu_count()}, {platform.processor() or platform.machine()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+    )
 
     bw = copy_bandwidth(args.copy_mb, max(args.repeat, 5), device)
     print("\n## machine")
@@ -143,8 +146,9 @@ def main(argv=None) -> int:
             kept = int((x >= ref).sum())
             above = int((x > ref).sum())
             mask_kept = int(cells["topk_mask"][2].sum())
-            same_thr = all(bool(c[2].view(torch.int32) == ref.view(torch.int32))
-                           for name, c in cells.items() if name != "topk_mask")
+            same_thr = all(
+                bool(c[2].view(torch.int32) == ref.view(torch.int32)) for name, c in cells.items() if name != "topk_mask"
+            )
             exact = same_thr and int((x >= thr).sum()) == kept and mask_kept == kept and kept >= k and above < k
             ok_all &= exact
             rows.append((iname, q, k, float(ref), kept, cells, exact))
@@ -160,19 +164,24 @@ def main(argv=None) -> int:
         for i, (name, (best, med, _)) in enumerate(cells.items()):
             gbs = nbytes / best
             lead = f"{iname:<11} {q:>4.2f} {ref:>12.6g} {kept - k:>8d}" if i == 0 else " " * 38
-            print(f"{lead} {name:<12} {best:>8.4f} {med:>9.4f} {gbs / 1e9:>7.2f} {100 * gbs / copy_bw:>5.1f}% "
-                  f"{100 * gbs / copy_bw1:>6.1f}%  {t_ref / best:>9.1f}x")
+            print(
+                f"{lead} {name:<12} {best:>8.4f} {med:>9.4f} {gbs / 1e9:>7.2f} {100 * gbs / copy_bw:>5.1f}% "
+                f"{100 * gbs / copy_bw1:>6.1f}%  {t_ref / best:>9.1f}x"
+            )
         print(f"{'':<38} exact: {'yes' if exact else 'NO'} (same threshold bits as kthvalue, same kept count, ties kept)")
-        speedups.append((iname, q, t_ref / cells["kth_largest"][0], t_ref / cells["topk_mask"][0],
-                         nbytes / cells["kth_largest"][0] / copy_bw))
+        speedups.append(
+            (iname, q, t_ref / cells["kth_largest"][0], t_ref / cells["topk_mask"][0], nbytes / cells["kth_largest"][0] / copy_bw)
+        )
 
     print("\n## summary: speed-up over torch.kthvalue (target >= 10x, exact)")
     print(f"{'input':<11} {'q':>4} {'kth_largest':>12} {'topk_mask':>10} {'kth_largest %copy':>18}")
     for iname, q, s1, s2, frac in speedups:
         print(f"{iname:<11} {q:>4.2f} {s1:>11.1f}x {s2:>9.1f}x {100 * frac:>17.1f}%")
     worst = min(s[2] for s in speedups)
-    print(f"\nworst kth_largest speed-up {worst:.1f}x; all exact: {'yes' if ok_all else 'NO'}; "
-          f"target (>= 10x and exact): {'MET' if worst >= 10 and ok_all else 'NOT MET'}")
+    print(
+        f"\nworst kth_largest speed-up {worst:.1f}x; all exact: {'yes' if ok_all else 'NO'}; "
+        f"target (>= 10x and exact): {'MET' if worst >= 10 and ok_all else 'NOT MET'}"
+    )
     return 0 if ok_all else 1
 
 

@@ -17,6 +17,7 @@ skips it). Examples::
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/switch_bench.py --layers 12 --switches 8
     .venv/bin/python bench/switch_bench.py --device cuda --dtype bfloat16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             copies[name].copy_(t)
 
     one = {"task0": 1.0}
-    mixed = {name: 1.0 / args.switches for name in runtime.names[:args.switches]}
+    mixed = {name: 1.0 / args.switches for name in runtime.names[: args.switches]}
     t_copy = best(copy_all, args.repeat, device)
     copies.clear()  # free the copies before timing the runtime
     t_apply = t_remove = float("inf")
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         def run():
             runtime.apply(weights)
             runtime.remove()
+
         return run
 
     t_both = best(both(one), args.repeat, device)
@@ -189,11 +191,16 @@ def main(argv: list[str] | None = None) -> None:
 
     packed = runtime.packed_nbytes / n_built
     chunk = args.chunk or (CPU_CHUNK if device.type == "cpu" else CUDA_CHUNK)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"torch threads {torch.get_num_threads()}, runtime workers {runtime._workers}"
-    print(f"device {device} ({where}), dtype {args.dtype}, {len(state)} tensors, {n_params / 1e6:.1f}M parameters = "
-          f"{n_bytes / 2**20:.0f} MiB, {args.switches} switch(es) at drop {args.drop} "
-          f"({'drawn' if args.fast_switches else 'T-Switch'}, built {t_build:.1f} s, packed {t_pack:.1f} s), chunk {chunk}")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"torch threads {torch.get_num_threads()}, runtime workers {runtime._workers}"
+    )
+    print(
+        f"device {device} ({where}), dtype {args.dtype}, {len(state)} tensors, {n_params / 1e6:.1f}M parameters = "
+        f"{n_bytes / 2**20:.0f} MiB, {args.switches} switch(es) at drop {args.drop} "
+        f"({'drawn' if args.fast_switches else 'T-Switch'}, built {t_build:.1f} s, packed {t_pack:.1f} s), chunk {chunk}"
+    )
     rows = [
         ("copy of all weights (copy_)", t_copy, 1.0, ""),
         ("apply one switch (w=1)", t_apply, t_apply / t_copy, ""),
@@ -209,8 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'packed bits per switch':<34} {packed / 2**20:>9.2f}M  ({8 * packed / n_params:.2f} bits/param)")
     print(f"{'backup, one switch applied':<34} {backup / 2**20:>9.2f}M  ({100 * backup / n_bytes:.1f}% of the weights' bytes)")
     if args.switches > 1:
-        print(f"{'backup, mixed combination':<34} {mixed_backup / 2**20:>9.2f}M  ({100 * mixed_backup / n_bytes:.1f}% of the weights' bytes)")
-    print(f"restored bitwise after {3 * args.repeat + 3 + (args.repeat + 2 if args.switches > 1 else 0)} apply/switch/remove rounds: {ok}")
+        print(
+            f"{'backup, mixed combination':<34} {mixed_backup / 2**20:>9.2f}M  ({100 * mixed_backup / n_bytes:.1f}% of the weights' bytes)"
+        )
+    print(
+        f"restored bitwise after {3 * args.repeat + 3 + (args.repeat + 2 if args.switches > 1 else 0)} apply/switch/remove rounds: {ok}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The full ``mergeflow`` command: the library's commands plus the orchestrated ``run``."""
+
 from __future__ import annotations
 
 import time
@@ -49,7 +50,13 @@ def print_table(metrics: dict) -> None:
     t = Table(title=f"mergeflow results ({what} on held-out test splits)")
     rows = table(metrics)
     routed = any(r[5] is not None for r in rows)
-    for col in ("model", "acc avg" if names == ["accuracy"] else "score avg", "normalised", "storage bytes", "/ fp32 task vectors") + (("routing acc",) if routed else ()):
+    for col in (
+        "model",
+        "acc avg" if names == ["accuracy"] else "score avg",
+        "normalised",
+        "storage bytes",
+        "/ fp32 task vectors",
+    ) + (("routing acc",) if routed else ()):
         t.add_column(col, justify="left" if col == "model" else "right", no_wrap=col == "model")
     for name, acc, norm, storage, ratio, routing in rows:
         cells = [name, f"{acc:.4f}", f"{norm:.4f}", f"{storage:,}", f"{ratio:.4f}"]
@@ -60,8 +67,10 @@ def print_table(metrics: dict) -> None:
     console.print(t)
     if "switches" in metrics:
         s = metrics["switches"]
-        console.print(f"T-Switch at drop {s['drop']}: {s['bits_per_param']:.3f} bits/param "
-                        f"(entropy floor {s['entropy_floor_bits']:.3f}, keep fraction {s['keep_fraction']:.3f})")
+        console.print(
+            f"T-Switch at drop {s['drop']}: {s['bits_per_param']:.3f} bits/param "
+            f"(entropy floor {s['entropy_floor_bits']:.3f}, keep fraction {s['keep_fraction']:.3f})"
+        )
 
 
 @app.command("run")
@@ -105,7 +114,9 @@ def deploy_cmd(
     params: Annotated[Path, typer.Option(help="params file (its folder is the workspace)")] = Path("params.yaml"),
     cron: CronOpt = None,
     name: NameOpt = None,
-    pool: Annotated[str, typer.Option(help="work pool whose workers run the pipeline (created as a process pool if missing)")] = "mergeflow",
+    pool: Annotated[
+        str, typer.Option(help="work pool whose workers run the pipeline (created as a process pool if missing)")
+    ] = "mergeflow",
     timezone: TzOpt = None,
 ) -> None:
     """Register the pipeline as a Prefect deployment (mergeflow-run/NAME, on --cron) and the stage
@@ -113,8 +124,11 @@ def deploy_cmd(
     from flows.deploy import deploy
 
     names = guarded(lambda: deploy(params, cron=cron, name=name, pool=pool, timezone=timezone))
-    typer.echo(f"deployed {names[0]} on pool {pool!r}" + (f", schedule {cron!r}" if cron else ", no schedule")
-               + f"; {names[1]} for run.gpu.stages")
+    typer.echo(
+        f"deployed {names[0]} on pool {pool!r}"
+        + (f", schedule {cron!r}" if cron else ", no schedule")
+        + f"; {names[1]} for run.gpu.stages"
+    )
     typer.echo(f"run it now: prefect deployment run '{names[0]}'; workers: prefect worker start --pool {pool}")
 
 

@@ -13,6 +13,7 @@ Both pools are created as process pools when missing; workers run the flow runs,
 scheduler creates the scheduled ones. ``mergeflow serve`` instead serves ``mergeflow-run/<name>``
 from the foreground process (``flow.serve``). Details: docs/team.md, sections 2 and 3.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,10 @@ def api_url(p: Params) -> str:
 
     url = p.run.prefect_api_url or PREFECT_API_URL.value()
     if not url:
-        raise MergeflowError("no Prefect server: start one (`prefect server start --host 127.0.0.1`) and set "
-                             "PREFECT_API_URL=http://127.0.0.1:4200/api or run.prefect_api_url (docs/team.md)")
+        raise MergeflowError(
+            "no Prefect server: start one (`prefect server start --host 127.0.0.1`) and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api or run.prefect_api_url (docs/team.md)"
+        )
     return url
 
 
@@ -76,8 +79,9 @@ def ensure_process_pool(name: str) -> bool:
             return False
         except ObjectNotFound:
             pass
-        client.create_work_pool(WorkPoolCreate(name=name, type="process",
-                                               base_job_template=ProcessWorker.get_default_base_job_template()))
+        client.create_work_pool(
+            WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template())
+        )
         return True
 
 
@@ -90,7 +94,7 @@ def _check_cron(cron: str | None) -> None:
     try:
         CronSchedule(cron=cron)
     except ValidationError:
-        raise MergeflowError(f"--cron {cron!r}: not a cron expression (e.g. \"0 2 * * *\": every day at 02:00)") from None
+        raise MergeflowError(f'--cron {cron!r}: not a cron expression (e.g. "0 2 * * *": every day at 02:00)') from None
 
 
 def _params(params: Path) -> tuple[Params, Path]:
@@ -105,13 +109,19 @@ def deploy_stage(p: Params) -> str:
     pool = p.run.gpu.pool
     ensure_process_pool(pool)
     flow_ = stage_flow.from_source(source=str(SOURCE), entrypoint=ENTRYPOINT)
-    flow_.deploy(name=pool, work_pool_name=pool, print_next_steps=False, ignore_warnings=True,
-                 description=f"one mergeflow stage on a worker of pool {pool!r} (run.gpu.stages)")
+    flow_.deploy(
+        name=pool,
+        work_pool_name=pool,
+        print_next_steps=False,
+        ignore_warnings=True,
+        description=f"one mergeflow stage on a worker of pool {pool!r} (run.gpu.stages)",
+    )
     return deployment_name(pool)
 
 
-def deploy(params: Path, cron: str | None = None, name: str | None = None, pool: str = DEFAULT_POOL,
-           timezone: str | None = None) -> list[str]:
+def deploy(
+    params: Path, cron: str | None = None, name: str | None = None, pool: str = DEFAULT_POOL, timezone: str | None = None
+) -> list[str]:
     """``mergeflow deploy``: the pipeline deployment (scheduled by ``cron``, if given) and the stage
     deployment for the GPU pool. Returns the deployments' names."""
     _check_cron(cron)
@@ -127,9 +137,15 @@ def deploy(params: Path, cron: str | None = None, name: str | None = None, pool:
 
                 schedules = [Cron(cron, timezone=timezone) if timezone else Cron(cron)]
             flow_ = scheduled_run.from_source(source=str(SOURCE), entrypoint=RUN_ENTRYPOINT)
-            flow_.deploy(name=name, work_pool_name=pool, schedules=schedules or [], parameters={"params": str(path)},
-                         print_next_steps=False, ignore_warnings=True,
-                         description=f"mergeflow run --params {path}")
+            flow_.deploy(
+                name=name,
+                work_pool_name=pool,
+                schedules=schedules or [],
+                parameters={"params": str(path)},
+                print_next_steps=False,
+                ignore_warnings=True,
+                description=f"mergeflow run --params {path}",
+            )
             return [f"{RUN_FLOW}/{name}", deploy_stage(p)]
         except MergeflowError:
             raise
@@ -152,5 +168,6 @@ def serve(params: Path, cron: str | None = None, name: str | None = None, timezo
             from prefect.schedules import Cron
 
             schedules = [Cron(cron, timezone=timezone) if timezone else Cron(cron)]
-        scheduled_run.serve(name=name, schedules=schedules or [], parameters={"params": str(path)},
-                            description=f"mergeflow run --params {path}")
+        scheduled_run.serve(
+            name=name, schedules=schedules or [], parameters={"params": str(path)}, description=f"mergeflow run --params {path}"
+        )

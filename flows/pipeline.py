@@ -1,4 +1,5 @@
 """The pipeline flow: download -> extract -> compress -> merge -> evaluate, then DVC and MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,15 @@ def task_runner(p: Params):
         raise MergeflowError("params: run.task_runner: dask needs prefect-dask (pip install 'mergeflow[dask]')") from None
     if p.run.dask_address:
         return DaskTaskRunner(address=p.run.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": p.run.workers or WORKERS, "threads_per_worker": 1,
-                                          "processes": True, "host": "127.0.0.1", "dashboard_address": None})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": p.run.workers or WORKERS,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+        }
+    )
 
 
 def run_pipeline(p: Params, root: str, track: bool = True) -> dict:
@@ -69,6 +77,11 @@ def pipeline(p: Params, root: str, track: bool = True) -> dict:
             dvc_push(root_path, p.run.dvc_remote)
         run_id = None
         if track:
-            run_id = log_run(p, root_path, metrics, runs, {"git_commit": git_commit(root_path), "dvc_lock_sha256": lock,
-                                                            "mergeflow.experiment": p.experiment})
+            run_id = log_run(
+                p,
+                root_path,
+                metrics,
+                runs,
+                {"git_commit": git_commit(root_path), "dvc_lock_sha256": lock, "mergeflow.experiment": p.experiment},
+            )
     return {"metrics": metrics, "stages": runs, "mlflow_run_id": run_id, "dvc_lock_sha256": lock}

@@ -14,6 +14,7 @@ The worker reports what it did as a Prefect artifact (key ``mergeflow-stage-resu
 comes from the deployment's source directory, which must hold the same mergeflow: the stage
 refuses to run otherwise. Details: docs/team.md, section 4 (``run.gpu``).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,17 +64,22 @@ def _report(result: dict) -> None:
 
     state = "cached" if result["cached"] else f"ran in {result['seconds']:.1f} s"
     body = json.dumps(result, indent=1, sort_keys=True)
-    create_markdown_artifact(markdown=f"**{result['stage']}** {state} on `{result['host']}` (pid {result['pid']})\n\n"
-                                      f"```json\n{body}\n```\n",
-                             key=RESULT_KEY, description=f"mergeflow stage {result['stage']}")
+    create_markdown_artifact(
+        markdown=f"**{result['stage']}** {state} on `{result['host']}` (pid {result['pid']})\n\n```json\n{body}\n```\n",
+        key=RESULT_KEY,
+        description=f"mergeflow stage {result['stage']}",
+    )
 
 
 def read_report(client, flow_run_id) -> dict | None:
     """What the worker reported for one flow run (``_report``), or None."""
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                                                                key=ArtifactFilterKey(any_=[RESULT_KEY])))
+    arts = client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[RESULT_KEY])
+        )
+    )
     for art in arts:
         text = str(art.data or "")
         if "```json\n" in text:
@@ -98,14 +104,18 @@ def stage_flow(stage: str, params: dict, root: str, code: str, transfer: Optiona
     host = socket.gethostname()
     p = validate(params, "params")
     if (mine := cache.code_digest()) != code:
-        raise MergeflowError(f"the worker on {host} runs other mergeflow code than the pipeline (digest {mine[:12]} != "
-                             f"{code[:12]}): update the checkout at {Path.cwd()}")
+        raise MergeflowError(
+            f"the worker on {host} runs other mergeflow code than the pipeline (digest {mine[:12]} != "
+            f"{code[:12]}): update the checkout at {Path.cwd()}"
+        )
     if transfer is None:
         root_path = Path(root)
         if not (root_path / ".mergeflow").is_dir():
-            raise MergeflowError(f"workspace {root} not found on {host}: a worker of pool {p.run.gpu.pool!r} needs the "
-                                 f"workspace at the same path (a shared filesystem), or run.gpu.transfer: dvc "
-                                 f"(see docs/team.md)")
+            raise MergeflowError(
+                f"workspace {root} not found on {host}: a worker of pool {p.run.gpu.pool!r} needs the "
+                f"workspace at the same path (a shared filesystem), or run.gpu.transfer: dvc "
+                f"(see docs/team.md)"
+            )
         result = run_stage(stage, p, root_path)
         result = {**result, "host": host, "pid": os.getpid()}
         write_json(record_path(root_path, stage), result)
@@ -126,8 +136,15 @@ def stage_flow(stage: str, params: dict, root: str, code: str, transfer: Optiona
             outs = tr.add_and_push(wroot, Layout(wroot).outs(stage), tr.REMOTE)
             dirs = tr.empty_dirs(wroot, Layout(wroot).outs(stage))
             log.info("%s: outputs pushed to %s (%.1f s)", stage, transfer["url"], time.perf_counter() - t0)
-            result = {**result, "host": host, "pid": os.getpid(), "workspace": str(wroot), "outs": outs, "dirs": dirs,
-                      "stamp": cache.read_stamp(wroot, stage)}
+            result = {
+                **result,
+                "host": host,
+                "pid": os.getpid(),
+                "workspace": str(wroot),
+                "outs": outs,
+                "dirs": dirs,
+                "stamp": cache.read_stamp(wroot, stage),
+            }
     _report(result)
     return result
 
@@ -137,9 +154,11 @@ def _api_url(p: Params) -> str:
 
     url = p.run.prefect_api_url or PREFECT_API_URL.value()
     if not url:
-        raise MergeflowError(f"params: run.gpu.stages {p.run.gpu.stages} need a Prefect server shared with the workers of pool "
-                             f"{p.run.gpu.pool!r}: start one (`prefect server start --host 127.0.0.1`) and set "
-                             f"PREFECT_API_URL=http://127.0.0.1:4200/api or run.prefect_api_url (docs/team.md)")
+        raise MergeflowError(
+            f"params: run.gpu.stages {p.run.gpu.stages} need a Prefect server shared with the workers of pool "
+            f"{p.run.gpu.pool!r}: start one (`prefect server start --host 127.0.0.1`) and set "
+            f"PREFECT_API_URL=http://127.0.0.1:4200/api or run.prefect_api_url (docs/team.md)"
+        )
     return url
 
 
@@ -152,20 +171,28 @@ def check_pool(client, p: Params, url: str) -> int:
     try:
         client.read_work_pool(pool)
     except ObjectNotFound:
-        raise MergeflowError(f"work pool {pool!r} not found on the Prefect server at {url}: create it and the stage deployment "
-                             f"with `mergeflow deploy --params FILE` (run.gpu.pool: {pool})") from None
+        raise MergeflowError(
+            f"work pool {pool!r} not found on the Prefect server at {url}: create it and the stage deployment "
+            f"with `mergeflow deploy --params FILE` (run.gpu.pool: {pool})"
+        ) from None
     try:
         dep = client.read_deployment_by_name(name)
     except ObjectNotFound:
-        raise MergeflowError(f"deployment {name!r} not found on the Prefect server at {url}: create it with "
-                             f"`mergeflow deploy --params FILE` (run.gpu.pool: {pool})") from None
+        raise MergeflowError(
+            f"deployment {name!r} not found on the Prefect server at {url}: create it with "
+            f"`mergeflow deploy --params FILE` (run.gpu.pool: {pool})"
+        ) from None
     if dep.work_pool_name != pool:
-        raise MergeflowError(f"deployment {name!r} runs on pool {dep.work_pool_name!r}, not {pool!r}: "
-                             f"recreate it with `mergeflow deploy --params FILE`")
+        raise MergeflowError(
+            f"deployment {name!r} runs on pool {dep.work_pool_name!r}, not {pool!r}: "
+            f"recreate it with `mergeflow deploy --params FILE`"
+        )
     takes = set(((dep.parameter_openapi_schema or {}).get("properties") or {}))
     if p.run.gpu.transfer == "dvc" and takes and "transfer" not in takes:
-        raise MergeflowError(f"deployment {name!r} was made by an older mergeflow without run.gpu.transfer: "
-                             f"recreate it with `mergeflow deploy --params FILE`")
+        raise MergeflowError(
+            f"deployment {name!r} was made by an older mergeflow without run.gpu.transfer: "
+            f"recreate it with `mergeflow deploy --params FILE`"
+        )
     online = client.read_workers_for_work_pool(pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))
     return len(online)
 
@@ -204,18 +231,26 @@ def run_on_pool(stage: str, p: Params, root: Path, code: str) -> dict:
         stamps = {up: cache.read_stamp(root, up) for up in spec.upstream(stage)}
         dirs = tr.empty_dirs(root, [root / rel for rel in inputs])
         transfer = {"url": remote_url, "inputs": inputs, "dirs": dirs, "stamps": stamps, "origin": tr.origin(root)}
-        log.info("%s: inputs (%s) pushed to DVC remote %r in %.1f s", stage, ", ".join(inputs), p.run.dvc_remote,
-                 time.perf_counter() - t1)
+        log.info(
+            "%s: inputs (%s) pushed to DVC remote %r in %.1f s",
+            stage,
+            ", ".join(inputs),
+            p.run.dvc_remote,
+            time.perf_counter() - t1,
+        )
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         if not check_pool(client, p, url):
-            log.warning("%s: no worker online in pool %r yet; the run waits for one "
-                        "(`prefect worker start --pool %s` on a GPU machine)", stage, pool, pool)
+            log.warning(
+                "%s: no worker online in pool %r yet; the run waits for one (`prefect worker start --pool %s` on a GPU machine)",
+                stage,
+                pool,
+                pool,
+            )
         # a subflow of the pipeline when both live on one server; parameters stay plain JSON
         parameters = {"stage": stage, "params": p.model_dump(mode="json"), "root": str(root), "code": code}
         if transfer is not None:  # (a stage deployment made before transfer existed takes shared runs still)
             parameters |= {"root": "", "transfer": transfer}
-        fr = run_deployment(name, parameters=parameters,
-                            flow_run_name=stage, timeout=0, as_subflow=same)
+        fr = run_deployment(name, parameters=parameters, flow_run_name=stage, timeout=0, as_subflow=same)
         log.info("%s: flow run %s of %s submitted to pool %r", stage, fr.id, name, pool)
         warned = False
         while True:
@@ -223,8 +258,13 @@ def run_on_pool(stage: str, p: Params, root: Path, code: str) -> dict:
             if fr.state is not None and fr.state.is_final():
                 break
             if not warned and fr.state is not None and fr.state.is_scheduled() and time.perf_counter() - t0 > WAIT_WARN_S:
-                log.warning("%s: still waiting for a worker of pool %r after %.0f s (`prefect worker start --pool %s`)",
-                            stage, pool, WAIT_WARN_S, pool)
+                log.warning(
+                    "%s: still waiting for a worker of pool %r after %.0f s (`prefect worker start --pool %s`)",
+                    stage,
+                    pool,
+                    WAIT_WARN_S,
+                    pool,
+                )
                 warned = True
             time.sleep(1.0)
         state = fr.state
@@ -233,12 +273,20 @@ def run_on_pool(stage: str, p: Params, root: Path, code: str) -> dict:
             raise MergeflowError(f"{stage}: flow run {fr.id} on pool {pool!r} ended {state.name}: {msg}"[:500])
         done = read_report(client, fr.id)
     if done is None:
-        raise MergeflowError(f"{stage}: the worker of pool {pool!r} finished flow run {fr.id} but reported no result "
-                             f"(artifact {RESULT_KEY!r})")
+        raise MergeflowError(
+            f"{stage}: the worker of pool {pool!r} finished flow run {fr.id} but reported no result (artifact {RESULT_KEY!r})"
+        )
     if transfer is not None:
         _fetch_outputs(stage, p, root, done, log)
-    log.info("%s: %s on pool %r (host %s, pid %s) in %.1f s", stage, "cached" if done["cached"] else "ran", pool,
-             done["host"], done["pid"], time.perf_counter() - t0)
+    log.info(
+        "%s: %s on pool %r (host %s, pid %s) in %.1f s",
+        stage,
+        "cached" if done["cached"] else "ran",
+        pool,
+        done["host"],
+        done["pid"],
+        time.perf_counter() - t0,
+    )
     return {k: done[k] for k in ("stage", "cached", "seconds", "summary")}
 
 
@@ -255,14 +303,20 @@ def _fetch_outputs(stage: str, p: Params, root: Path, done: dict, log) -> None:
     want = {p_.relative_to(root).as_posix() for p_ in Layout(root).outs(stage)}
     if set(done.get("outs") or {}) != want:
         raise MergeflowError(f"{stage}: the worker reported outputs {sorted(done.get('outs') or {})}, expected {sorted(want)}")
-    tr.pull(root, done["outs"], remote, f"pulling the outputs of {stage} from remote {remote!r}",
-            done.get("dirs", []))
+    tr.pull(root, done["outs"], remote, f"pulling the outputs of {stage} from remote {remote!r}", done.get("dirs", []))
     stamp = done["stamp"]
     got = cache.outs_digest(Layout(root).outs(stage), root)
     if not stamp or got != stamp["outs"]:
         cache.invalidate(root, stage)
-        raise MergeflowError(f"{stage}: the outputs pulled from remote {p.run.dvc_remote!r} differ from what the worker on "
-                             f"{done['host']} wrote (content digest {str(got)[:12]} != {str((stamp or {}).get('outs'))[:12]})")
+        raise MergeflowError(
+            f"{stage}: the outputs pulled from remote {p.run.dvc_remote!r} differ from what the worker on "
+            f"{done['host']} wrote (content digest {str(got)[:12]} != {str((stamp or {}).get('outs'))[:12]})"
+        )
     write_json(cache.stamp_path(root, stage), stamp)
-    log.info("%s: outputs (%s) pulled from DVC remote %r in %.1f s", stage, ", ".join(sorted(want)), p.run.dvc_remote,
-             time.perf_counter() - t0)
+    log.info(
+        "%s: outputs (%s) pulled from DVC remote %r in %.1f s",
+        stage,
+        ", ".join(sorted(want)),
+        p.run.dvc_remote,
+        time.perf_counter() - t0,
+    )

@@ -6,6 +6,7 @@ fault (and the kernel's zeroing) for every 4 KiB of every temporary: measured ab
 of a TIES merge's time on a loaded machine. Raising the mmap and trim thresholds keeps freed blocks in the
 heap for the next tensor. Process-wide, so only the ``mergeflow`` command calls it.
 """
+
 from __future__ import annotations
 
 import ctypes

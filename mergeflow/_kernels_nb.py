@@ -5,12 +5,14 @@ cache entry would never be found again. The switch runtime's kernels (LLVM intri
 ``mergeflow._kernels_switch_nb``, re-exported here so ``mergeflow.kernels`` finds every kernel
 in one module.
 """
+
 from typing import Any
 
 import numpy as np
 import numba as nb
 from numba import types
 from numba.extending import overload
+
 
 def widen(src, start, n, dst):  # pragma: no cover - replaced by the overload inside kernels
     raise NotImplementedError
@@ -19,19 +21,24 @@ def widen(src, start, n, dst):  # pragma: no cover - replaced by the overload in
 @overload(widen, inline="always")
 def _widen(src, start, n, dst):
     if isinstance(src, types.Array) and src.dtype == types.uint16:
+
         def impl(src, start, n, dst):  # bfloat16 bits -> float32: exact, a 16-bit shift
             bits = dst.view(np.uint32)
-            part = src[start:start + n]  # indexing by the loop variable alone lets LLVM vectorise
+            part = src[start : start + n]  # indexing by the loop variable alone lets LLVM vectorise
             for i in range(n):
                 bits[i] = np.uint32(part[i]) << np.uint32(16)
+
         return impl
     if isinstance(src, types.Array) and src.dtype == types.float32:
+
         def impl(src, start, n, dst):
-            part = src[start:start + n]
+            part = src[start : start + n]
             for i in range(n):
                 dst[i] = part[i]
+
         return impl
     return None
+
 
 def is_f32(x):  # pragma: no cover - replaced by the overload inside kernels
     raise NotImplementedError
@@ -58,7 +65,7 @@ def load_taus(base, fts, subtract, s, m, b, taus):
     """Tile [s, s+m): base into b, task vectors into taus[t*TILE:]."""
     widen(base, s, m, b)
     for t in range(fts.shape[0]):
-        row = taus[t * TILE:(t + 1) * TILE]
+        row = taus[t * TILE : (t + 1) * TILE]
         widen(fts[t], s, m, row)
         if subtract:
             for i in range(m):
@@ -79,10 +86,10 @@ def linear_block(base, fts, subtract, weights, divisor, out):
             acc[i] = taus[i] * w
         for t in range(1, T):
             w = weights[t]
-            row = taus[t * TILE:t * TILE + m]
+            row = taus[t * TILE : t * TILE + m]
             for i in range(m):
                 acc[i] += row[i] * w
-        o = out[s:s + m]
+        o = out[s : s + m]
         for i in range(m):
             o[i] = acc[i] / divisor + b[i]
 
@@ -107,7 +114,7 @@ def ties_block(base, fts, subtract, thresholds, scaling, out):
             count[i] = zero
         for t in range(T):  # trim; gamma's sum
             thr = thresholds[t]
-            row = taus[t * TILE:t * TILE + m]
+            row = taus[t * TILE : t * TILE + m]
             for i in range(m):
                 v = row[i] if abs(row[i]) >= thr else zero
                 row[i] = v
@@ -116,12 +123,12 @@ def ties_block(base, fts, subtract, thresholds, scaling, out):
             g = total[i]
             total[i] = one if g > zero else (-one if g < zero else zero)
         for t in range(T):  # disjoint mean over entries agreeing with gamma
-            row = taus[t * TILE:t * TILE + m]
+            row = taus[t * TILE : t * TILE + m]
             for i in range(m):
                 agree = row[i] * total[i] > zero
                 num[i] += row[i] if agree else zero
                 count[i] += one if agree else zero
-        o = out[s:s + m]
+        o = out[s : s + m]
         for i in range(m):
             o[i] = (num[i] / max(count[i], one)) * scaling + b[i]
 

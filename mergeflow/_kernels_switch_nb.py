@@ -3,6 +3,7 @@ combination of binary switches in place, 16 entries at a time in SIMD registers 
 
 Imported by ``mergeflow._kernels_nb`` (which re-exports them); the shared overloads come from there.
 """
+
 import numpy as np
 import numba as nb
 from numba import types
@@ -21,16 +22,20 @@ _I32 = ir.IntType(32)
 @intrinsic
 def _f2u(typingctx, v):
     """float32 -> its bits (uint32)."""
+
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], _I32)
+
     return types.uint32(types.float32), codegen
 
 
 @intrinsic
 def _u2f(typingctx, v):
     """uint32 bits -> float32."""
+
     def codegen(context, builder, sig, args):
         return builder.bitcast(args[0], ir.FloatType())
+
     return types.float32(types.uint32), codegen
 
 
@@ -41,7 +46,9 @@ def _declare(module, name, ret, args):
 
 def _splat(builder, vty, value):
     first = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(first, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
+    return builder.shuffle_vector(
+        first, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    )
 
 
 def _step_vector(builder, w, c):
@@ -50,8 +57,9 @@ def _step_vector(builder, w, c):
     i16, v16, v1 = ir.IntType(16), ir.VectorType(ir.FloatType(), 16), ir.VectorType(ir.IntType(1), 16)
     low, high = ir.Constant(_I32, 0xFF), ir.Constant(_I32, 0xFF00)
     keep = builder.or_(builder.and_(w, low), builder.and_(builder.lshr(w, ir.Constant(_I32, 8)), high))
-    sign = builder.or_(builder.and_(builder.lshr(w, ir.Constant(_I32, 8)), low),
-                       builder.and_(builder.lshr(w, ir.Constant(_I32, 16)), high))
+    sign = builder.or_(
+        builder.and_(builder.lshr(w, ir.Constant(_I32, 8)), low), builder.and_(builder.lshr(w, ir.Constant(_I32, 16)), high)
+    )
     km = builder.bitcast(builder.trunc(keep, i16), v1)
     sm = builder.bitcast(builder.trunc(sign, i16), v1)
     signed = builder.select(sm, _splat(builder, v16, builder.fneg(c)), _splat(builder, v16, c))
@@ -69,6 +77,7 @@ def _step16_codegen(add):
             val = builder.fadd(builder.load(ptr, align=4), val)
         builder.store(val, ptr, align=4)
         return context.get_dummy_value()
+
     return codegen
 
 
@@ -167,6 +176,7 @@ def _apply16_codegen(context, builder, sig, args):
     def steps():
         data = context.make_array(sig.args[1])(context, builder, da).data
         return builder.load(builder.bitcast(builder.gep(data, [i]), v16.as_pointer()), align=4)
+
     return _apply16_body(context, builder, sig, (xa, i, pa, va, base, saved), (3, 4), steps)
 
 
@@ -225,6 +235,7 @@ def _apply16w(typingctx, x, w, c, i, pos, vals, base, saved):
 def _pairs32(typingctx, bits, t, b):
     """Switch t's byte pairs b and b + 1 as one uint32 (one unaligned load, no bounds or
     negative-index checks: the caller guarantees both exist)."""
+
     def codegen(context, builder, sig, args):
         ary, t, b = args
         arr = context.make_array(sig.args[0])(context, builder, ary)
@@ -232,6 +243,7 @@ def _pairs32(typingctx, bits, t, b):
         offset = builder.add(builder.mul(t, strides[0]), builder.mul(b, strides[1]))
         raw = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()), [offset])
         return builder.load(builder.bitcast(raw, _I32.as_pointer()), align=1)
+
     return types.uint32(bits, types.intp, types.intp), codegen
 
 
@@ -250,7 +262,7 @@ def _apply_tile(x, s, m, bits, coefs, d, pos, vals, saved, origin):
     """x[s:s+m] += the steps of bits/coefs (see ``switch_apply``), appending the entries to save
     (positions counted from ``origin``); returns the new count. One switch: the steps are made
     in registers; several: summed into d first (``_steps``)."""
-    xs = x[s:s + m]
+    xs = x[s : s + m]
     base = s - origin
     zero = np.float32(0.0)
     m16 = m & ~15
@@ -292,7 +304,7 @@ def _apply_tile(x, s, m, bits, coefs, d, pos, vals, saved, origin):
 def _remove_tile(x, s, m, bits, coefs, d, pos, vals, j):
     """x[s:s+m] -= the steps of bits/coefs, then the saved entries pos[j:] below s + m written
     back; returns the index of the first saved entry not written."""
-    xs = x[s:s + m]
+    xs = x[s : s + m]
     npos = pos.shape[0]
     b0 = s >> 3
     done = 0

@@ -7,6 +7,7 @@ model is theta_0 + sum_t w_t(x) s_t B_t. Modes (``combine``): ``batch`` (the pap
 averaged over a batch), ``sample`` (per input) and ``hard`` (argmax, as the authors do for text).
 Routing uses torch only and runs the same code on CPU and CUDA.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ def _one_line(text: str) -> str:
 def _problem(embeddings: object, labels: object, tasks: object) -> str | None:
     """What is wrong with a query set's parts, or None."""
     if not isinstance(embeddings, torch.Tensor) or embeddings.dtype != torch.float32 or embeddings.dim() != 2:
-        got = f"{embeddings.dtype} {list(embeddings.shape)}" if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        got = (
+            f"{embeddings.dtype} {list(embeddings.shape)}" if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__
+        )
         return f"embeddings must be a float32 [N, D] tensor, got {got}"
     n, d = embeddings.shape
     if n < 1 or d < 1:
@@ -84,8 +87,9 @@ class QuerySet:
     def save(self, path: str | os.PathLike) -> None:
         """Write one safetensors file atomically; the header is written by hand so bytes are reproducible."""
         arrays = {"embeddings": self.embeddings, "labels": self.labels}
-        header: dict = {"__metadata__": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-                                         "tasks": json.dumps(self.tasks)}}
+        header: dict = {
+            "__metadata__": {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "tasks": json.dumps(self.tasks)}
+        }
         blobs, offset = [], 0
         for key, (code, _, np_dtype) in _TENSORS.items():
             data = arrays[key].detach().cpu().contiguous().numpy().astype(np_dtype).tobytes()
@@ -114,8 +118,10 @@ class QuerySet:
                 if not version.isdigit() or int(version) < 1:
                     raise fail(f"invalid query set format version {version!r}")
                 if int(version) > FORMAT_VERSION:
-                    raise fail(f"query set format version {version} is newer than this mergeflow reads "
-                               f"({FORMAT_VERSION}); upgrade mergeflow")
+                    raise fail(
+                        f"query set format version {version} is newer than this mergeflow reads "
+                        f"({FORMAT_VERSION}); upgrade mergeflow"
+                    )
                 keys = sorted(f.keys())
                 if keys != sorted(_TENSORS):
                     raise fail(f"query set tensors {keys}, expected {sorted(_TENSORS)}")
@@ -202,11 +208,11 @@ def route(queries: QuerySet, x: torch.Tensor, k: int = 10) -> torch.Tensor:
     out = torch.zeros((x.shape[0], n_tasks), dtype=torch.float32, device=x.device)
     rows = max(1, CHUNK_DISTANCES // n)
     for start in range(0, x.shape[0], rows):
-        chunk = x[start:start + rows]
+        chunk = x[start : start + rows]
         nearest = _nearest(chunk, emb, q_sq, q_norm_max, k)
         counts = torch.zeros((chunk.shape[0], n_tasks), dtype=torch.float32, device=x.device)
         counts.scatter_add_(1, labels[nearest], torch.ones(nearest.shape, dtype=torch.float32, device=x.device))
-        out[start:start + rows] = counts / k
+        out[start : start + rows] = counts / k
     return out
 
 
@@ -226,7 +232,7 @@ def _nearest(x: torch.Tensor, emb: torch.Tensor, q_sq: torch.Tensor, q_norm_max:
     eps = torch.finfo(torch.float32).eps
     x_sq = (x.double() ** 2).sum(1)
     s = torch.addmm(q_sq.to(torch.float32)[None, :], x, emb.T, alpha=-2.0)
-    beta = (d + 8) * eps * (x_sq + q_norm_max ** 2 + 2 * x_sq.sqrt() * q_norm_max)
+    beta = (d + 8) * eps * (x_sq + q_norm_max**2 + 2 * x_sq.sqrt() * q_norm_max)
     rho = (d + 3) * eps
     a_k = s.topk(k, dim=1, largest=False, sorted=False).values.max(dim=1).values.double() + x_sq
     bound = ((a_k + beta) * (1 + rho) / (1 - rho) + beta - x_sq).to(torch.float32)
@@ -239,11 +245,11 @@ def _nearest(x: torch.Tensor, emb: torch.Tensor, q_sq: torch.Tensor, q_norm_max:
     out = torch.empty((x.shape[0], k), dtype=torch.int64, device=x.device)
     rows = max(1, (1 << 20) // (m * d))  # candidates' vectors gathered a block of rows at a time (stays in cache)
     for start in range(0, x.shape[0], rows):
-        c = cand[start:start + rows]
+        c = cand[start : start + rows]
         vectors = torch.index_select(emb, 0, c.reshape(-1)).view(c.shape[0], c.shape[1], d)
-        exact = torch.cdist(x[start:start + rows, None, :], vectors, compute_mode="donot_use_mm_for_euclid_dist")[:, 0, :]
+        exact = torch.cdist(x[start : start + rows, None, :], vectors, compute_mode="donot_use_mm_for_euclid_dist")[:, 0, :]
         order = torch.sort(exact, dim=1, stable=True).indices[:, :k]  # stable: ties keep index order
-        out[start:start + rows] = c.gather(1, order)
+        out[start : start + rows] = c.gather(1, order)
     return out
 
 
@@ -306,8 +312,10 @@ def group_rows(weights: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]
 
 # --- evaluation ---------------------------------------------------------------------
 
-def evaluate_autoswitch(folder: Path, tasks: list[str], meta: dict, fam, base_sd: dict[str, torch.Tensor],
-                        data: dict, seed: int) -> dict:
+
+def evaluate_autoswitch(
+    folder: Path, tasks: list[str], meta: dict, fam, base_sd: dict[str, torch.Tensor], data: dict, seed: int
+) -> dict:
     """Auto-Switch (its switches and query set in ``folder``) on shuffled mixed-task test batches, in every routing mode.
 
     Each input is routed by the base model's features (the family's ``features``); in each batch
@@ -334,7 +342,7 @@ def evaluate_autoswitch(folder: Path, tasks: list[str], meta: dict, fam, base_sd
         weights_all = torch.empty_like(routed)
         try:
             for start in range(0, len(order), meta["batch_size"]):
-                rows = order[start:start + meta["batch_size"]]
+                rows = order[start : start + meta["batch_size"]]
                 weights = combine(routed[rows], mode)
                 weights_all[rows] = weights
                 for w, idx in group_rows(weights):

@@ -2,6 +2,7 @@
 
 ``flows.cli`` adds the orchestrated ``run`` on top (the library never imports Prefect).
 """
+
 from __future__ import annotations
 
 import sys
@@ -78,8 +79,16 @@ def progress_bar(description: str):
 
     console = Console(stderr=True)
     # on a terminal only (a log or a pipe gets the command's one result line, or its one error line)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[name]}"), console=console, transient=True, disable=not console.is_terminal)
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[name]}"),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
     task = bar.add_task(description, total=None, name="")
 
     def update(i: int, n: int, name: str) -> None:
@@ -132,8 +141,17 @@ def merge_cmd(
         reuse_freed_memory()
         bar, update = progress_bar(f"{method}")
         with bar:
-            merge_to_disk(m, base_ckpt, sources, hp, out, dev, dtype=DTYPES[out_dtype] if out_dtype else None,
-                          progress=update, metadata={"base": base})
+            merge_to_disk(
+                m,
+                base_ckpt,
+                sources,
+                hp,
+                out,
+                dev,
+                dtype=DTYPES[out_dtype] if out_dtype else None,
+                progress=update,
+                metadata={"base": base},
+            )
         warn_unchanged(sources, models)
         typer.echo(f"wrote {out}")
 
@@ -170,8 +188,10 @@ def compress_cmd(
         sw = tswitch.compress(iter_task_vector(base_ckpt, model_ckpt), hp["drop"], metadata={"base": base, "model": model})
         st = save_switch(out, sw, encoding=encoding)
         n = st.n_params + sum(t.numel() for t in sw.dense.values())
-        typer.echo(f"wrote {out}: {st.bits_per_param:.3f} bits/param (entropy floor {st.entropy_floor_bits:.3f}), "
-                   f"{st.file_bytes:,} bytes = {st.file_bytes / (4 * max(n, 1)):.4f} of the float32 task vector")
+        typer.echo(
+            f"wrote {out}: {st.bits_per_param:.3f} bits/param (entropy floor {st.entropy_floor_bits:.3f}), "
+            f"{st.file_bytes:,} bytes = {st.file_bytes / (4 * max(n, 1)):.4f} of the float32 task vector"
+        )
 
     guarded(go)
 
@@ -214,8 +234,15 @@ def methods_cmd() -> None:
         if m.reference:
             typer.echo(f"    reference: {m.reference}")
         for key, p in m.params.items():
-            rng = (f" in [{p.low}, {p.high}{')' if p.high_open else ']'}" if p.low is not None and p.high is not None else
-                   f" >= {p.low}" if p.low is not None else f" <= {p.high}" if p.high is not None else "")
+            rng = (
+                f" in [{p.low}, {p.high}{')' if p.high_open else ']'}"
+                if p.low is not None and p.high is not None
+                else f" >= {p.low}"
+                if p.low is not None
+                else f" <= {p.high}"
+                if p.high is not None
+                else ""
+            )
             also = f" (also {', '.join(p.aliases)})" if p.aliases else ""
             source = f" (pipeline: {m.set_by[key]})" if key in m.set_by else ""
             typer.echo(f"    {key}{also} = {p.default!r}{rng}: {p.help}{source}")
@@ -292,8 +319,11 @@ def run_app(application: typer.Typer, argv: list[str] | None = None) -> int:
 
         if os.environ.get("MERGEFLOW_DEBUG"):
             raise
-        typer.echo(f"mergeflow: error: internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
-                   f"set MERGEFLOW_DEBUG=1 for the traceback", err=True)
+        typer.echo(
+            f"mergeflow: error: internal error ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); "
+            f"set MERGEFLOW_DEBUG=1 for the traceback",
+            err=True,
+        )
         return 1
     return result if isinstance(result, int) else 0
 

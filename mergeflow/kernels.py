@@ -12,6 +12,7 @@ pay for numba's one-time start-up in the process (~0.6 s), ``numba`` everywhere 
 float16/float64 inputs, mixed task-vector sources).
 Why, each kernel's formula and algorithm: docs/internals.md#kernels.
 """
+
 from __future__ import annotations
 
 import functools
@@ -84,14 +85,16 @@ def _k(name: str):
     return getattr(ks, name)
 
 
-def linear_block(base: np.ndarray, fts: np.ndarray, subtract: bool, weights: Sequence[float], out: np.ndarray,
-                 divisor: float = 1.0) -> None:
+def linear_block(
+    base: np.ndarray, fts: np.ndarray, subtract: bool, weights: Sequence[float], out: np.ndarray, divisor: float = 1.0
+) -> None:
     """out = base + (sum_t weights[t] * tau_t) / divisor, summed in task order."""
     _k("linear_block")(base, fts, subtract, np.asarray(weights, np.float32), np.float32(divisor), out)
 
 
-def ties_block(base: np.ndarray, fts: np.ndarray, subtract: bool, thresholds: Sequence[float], scaling: float,
-               out: np.ndarray) -> None:
+def ties_block(
+    base: np.ndarray, fts: np.ndarray, subtract: bool, thresholds: Sequence[float], scaling: float, out: np.ndarray
+) -> None:
     """out = base + scaling * disjoint_mean(tau_t trimmed to |tau_t| >= thresholds[t])."""
     _k("ties_block")(base, fts, subtract, np.asarray(thresholds, np.float32), np.float32(scaling), out)
 
@@ -116,15 +119,24 @@ def switch_apply(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.nda
     return int(done), int(saved)
 
 
-def switch_remove(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.ndarray, vals: np.ndarray,
-                  begin: int = 0) -> None:
+def switch_remove(x: np.ndarray, bits: np.ndarray, coefs: np.ndarray, pos: np.ndarray, vals: np.ndarray, begin: int = 0) -> None:
     """Undo ``switch_apply`` on x[begin:] (``begin`` a multiple of 8): subtract again and write
     the saved entries (positions in x) back."""
     _k("switch_remove")(x, bits, coefs, begin, x.shape[0], pos, vals)
 
 
-def switch_swap(x: np.ndarray, bits_a: np.ndarray, coefs_a: np.ndarray, pos_a: np.ndarray, vals_a: np.ndarray,
-                bits_b: np.ndarray, coefs_b: np.ndarray, start: int, pos: np.ndarray, vals: np.ndarray) -> tuple[int, int]:
+def switch_swap(
+    x: np.ndarray,
+    bits_a: np.ndarray,
+    coefs_a: np.ndarray,
+    pos_a: np.ndarray,
+    vals_a: np.ndarray,
+    bits_b: np.ndarray,
+    coefs_b: np.ndarray,
+    start: int,
+    pos: np.ndarray,
+    vals: np.ndarray,
+) -> tuple[int, int]:
     """From combination A (applied to x by ``switch_apply``, saved entries pos_a/vals_a) to B on
     x[start:] in one pass, bitwise as ``switch_remove`` then ``switch_apply`` would leave it; B's
     saved positions count from ``start``. Stops like ``switch_apply``; returns (where it stopped
@@ -150,8 +162,10 @@ def warm() -> float:
         _k("sample_keys")(base, fts[0], True, 2, np.zeros(8, np.uint32))
         bits, coefs = np.zeros((1, 2), np.uint16), np.ones(1, np.float32)
         x = np.zeros(16, np_dtype)
-        (pos, vals), (pos2, vals2) = ((np.zeros(SWITCH_TILE + SWITCH_SLACK, np.int32),
-                                       np.zeros(SWITCH_TILE + SWITCH_SLACK, _bits_of(np_dtype))) for _ in range(2))
+        (pos, vals), (pos2, vals2) = (
+            (np.zeros(SWITCH_TILE + SWITCH_SLACK, np.int32), np.zeros(SWITCH_TILE + SWITCH_SLACK, _bits_of(np_dtype)))
+            for _ in range(2)
+        )
         _, n = switch_apply(x, bits, coefs, pos, vals)
         _, n = switch_swap(x, bits, coefs, pos[:n], vals[:n], bits, coefs, 0, pos2, vals2)
         switch_remove(x, bits, coefs, pos2[:n], vals2[:n])

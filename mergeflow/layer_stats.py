@@ -12,6 +12,7 @@ Accumulated in float64 on the CPU; linear layers fed the same input tensor share
 one tensor at a time, so a merge holds only the current tensor's statistics of every task.
 Details (what each statistic is, memory use): docs/internals.md#layer-input-statistics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,9 @@ def _is_rms_norm(module: torch.nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
-def layer_input_stats(model: torch.nn.Module, forward: Callable[[], Any], names: Iterable[str] | None = None) -> dict[str, InputStats]:
+def layer_input_stats(
+    model: torch.nn.Module, forward: Callable[[], Any], names: Iterable[str] | None = None
+) -> dict[str, InputStats]:
     """Run ``forward()`` (which calls ``model`` on the exemplars) with hooks; the statistics of
     every linear and normalisation parameter (only those in ``names`` when given)."""
     wanted = set(names) if names is not None else None
@@ -62,6 +65,7 @@ def layer_input_stats(model: torch.nn.Module, forward: Callable[[], Any], names:
             entry = acc.setdefault(prefix, ["linear", torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0])
             entry[1].addmm_(x.T, x)
             entry[2] += x.shape[0]
+
         return hook
 
     def norm_hook(prefix, rms: bool):
@@ -75,13 +79,16 @@ def layer_input_stats(model: torch.nn.Module, forward: Callable[[], Any], names:
             entry = acc.setdefault(prefix, ["scale", torch.zeros(x.shape[1], dtype=torch.float64), 0])
             entry[1].add_(xh.pow(2).sum(0))
             entry[2] += x.shape[0]
+
         return hook
 
     modules = dict(model.named_modules())
     for prefix, module in modules.items():
         if isinstance(module, torch.nn.Linear) and (want(prefix, "weight") or want(prefix, "bias")):
             hooks.append(module.register_forward_pre_hook(linear_hook(prefix)))
-        elif (isinstance(module, torch.nn.LayerNorm) or _is_rms_norm(module)) and (want(prefix, "weight") or want(prefix, "bias")):
+        elif (isinstance(module, torch.nn.LayerNorm) or _is_rms_norm(module)) and (
+            want(prefix, "weight") or want(prefix, "bias")
+        ):
             hooks.append(module.register_forward_pre_hook(norm_hook(prefix, not isinstance(module, torch.nn.LayerNorm))))
     try:
         forward()
@@ -93,7 +100,7 @@ def layer_input_stats(model: torch.nn.Module, forward: Callable[[], Any], names:
     finals |= {prefix: finals[owner] for prefix, owner in alias.items() if owner in finals}  # one matrix, shared
     out: dict[str, InputStats] = {}
     for prefix, (kind, value, rows) in finals.items():
-        name = (lambda attr: f"{prefix}.{attr}" if prefix else attr)
+        name = lambda attr: f"{prefix}.{attr}" if prefix else attr
         if want(prefix, "weight"):
             out[name("weight")] = InputStats(kind, value, rows)
         if want(prefix, "bias"):

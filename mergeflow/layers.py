@@ -11,6 +11,7 @@ heads, other stacks) get depth 0, the first block's, as in the LiNeS authors' co
 No stack in the names is a one-line ``MergeflowError``. Pure: no model is loaded.
 Details (examples per architecture, ties, the authors' code): docs/internals.md#layers.
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,7 @@ _BLOCK = re.compile(r"(?<![^.])(?:" + "|".join(BLOCK_KINDS) + r")\.(\d+)(?=\.)")
 
 def _blocks(name: str) -> list[tuple[str, int]]:
     """Every (stack prefix, index) in a name: ``a.layers.3.b`` -> [("a.layers", 3)]."""
-    return [(name[:m.start(1) - 1], int(m.group(1))) for m in _BLOCK.finditer(name)]
+    return [(name[: m.start(1) - 1], int(m.group(1))) for m in _BLOCK.finditer(name)]
 
 
 def layer_depths(names: Iterable[str]) -> dict[str, tuple[int, int]]:
@@ -38,7 +39,8 @@ def layer_depths(names: Iterable[str]) -> dict[str, tuple[int, int]]:
             indices.setdefault(prefix, set()).add(i)
     if not indices:
         raise MergeflowError(
-            f"layer_depths: no block stack ({', '.join(k + '.<i>.' for k in BLOCK_KINDS)}) among {len(names)} parameter names")
+            f"layer_depths: no block stack ({', '.join(k + '.<i>.' for k in BLOCK_KINDS)}) among {len(names)} parameter names"
+        )
     main = max(indices, key=lambda p: len(indices[p]))  # max keeps the first of equals
     L = max(indices[main]) + 1
     out = {}

@@ -11,6 +11,7 @@ task); ``norm_acc_avg`` averages acc_method/acc_expert over tasks; ``storage_byt
 what a method keeps besides the shared base and the per-task heads; ``storage_ratio`` divides
 it by the bytes of the float32 task vectors of all tasks. Each key in full: docs/metrics.md.
 """
+
 from __future__ import annotations
 
 import csv
@@ -63,5 +64,7 @@ def table(metrics: Mapping) -> list[tuple[str, float, float, int, float, float |
     """(name, acc_avg, norm_acc_avg, storage_bytes, storage_ratio, routing_acc or None) for base,
     experts and each method (routing accuracy: Auto-Switch's rows)."""
     models = {"base": metrics["base"], "experts": metrics["experts"], **metrics["methods"]}
-    return [(n, r["acc_avg"], r["norm_acc_avg"], r["storage_bytes"], r["storage_ratio"], r.get("routing_acc"))
-            for n, r in models.items()]
+    return [
+        (n, r["acc_avg"], r["norm_acc_avg"], r["storage_bytes"], r["storage_ratio"], r.get("routing_acc"))
+        for n, r in models.items()
+    ]

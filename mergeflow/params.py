@@ -3,6 +3,7 @@
 Every key is validated before any work starts; an unknown key or a bad value is a one-line
 error naming the key path, e.g. ``params.yaml: merge.task_arithmetic.scaling: ...``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,9 @@ class DownloadParams(_Section):
     zoo: dict[str, Any] = Field(default_factory=dict, description="overrides of the zoo's ZooSpec fields")
     family: Optional[str] = Field(None, description="clip_vision | text_classification | causal_lm")
     base: Optional[str] = Field(None, description="the pretrained model: hf://org/name[@revision] or a local folder")
-    tasks: dict[str, dict[str, Any]] = Field(default_factory=dict,
-                                             description="task -> {model: ref, dataset: ref, ...family task options}")
+    tasks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="task -> {model: ref, dataset: ref, ...family task options}"
+    )
     options: dict[str, Any] = Field(default_factory=dict, description="family-wide options")
     offline: bool = Field(False, description="use only the local Hugging Face cache (as HF_HUB_OFFLINE=1)")
 
@@ -92,7 +94,9 @@ class DownloadParams(_Section):
             raise ValueError("tasks: at least one task is required with a family")
         for key in self.options:
             if key not in fam.options:
-                raise ValueError(f"options.{key}: unknown option of family {fam.name} (known: {', '.join(fam.options) or 'none'})")
+                raise ValueError(
+                    f"options.{key}: unknown option of family {fam.name} (known: {', '.join(fam.options) or 'none'})"
+                )
         for task, spec in self.tasks.items():
             if not _TASK_NAME.fullmatch(task) or task in _RESERVED:
                 raise ValueError(f"tasks.{task}: not a usable task name (letters, digits, _ . -; not {' or '.join(_RESERVED)})")
@@ -104,8 +108,10 @@ class DownloadParams(_Section):
                 raise ValueError(f"tasks.{task}.dataset: expected a ref string, got {spec['dataset']!r}")
             for key in spec:
                 if key not in ("model", "dataset") and key not in fam.task_options:
-                    raise ValueError(f"tasks.{task}.{key}: unknown task option of family {fam.name} "
-                                     f"(known: model, dataset{''.join(', ' + k for k in fam.task_options)})")
+                    raise ValueError(
+                        f"tasks.{task}.{key}: unknown task option of family {fam.name} "
+                        f"(known: model, dataset{''.join(', ' + k for k in fam.task_options)})"
+                    )
         return self
 
     @property
@@ -181,23 +187,35 @@ class EvaluateParams(_Section):
 class GpuParams(_Section):
     pool: str = Field("gpu", min_length=1, description="the Prefect work pool whose workers sit on GPU machines")
     stages: list[Literal["merge", "evaluate"]] = Field(
-        default_factory=list, description="stages run as deployments on that pool (empty: in the flow's process)")
+        default_factory=list, description="stages run as deployments on that pool (empty: in the flow's process)"
+    )
     transfer: Literal["shared", "dvc"] = Field(
-        "shared", description="how a stage's inputs and outputs reach the worker: the workspace path on a shared "
-                              "filesystem, or the DVC remote run.dvc_remote")
-    workspace: str = Field("~/.cache/mergeflow/worker", min_length=1,
-                           description="transfer dvc: the folder on the worker's machine holding its copies of workspaces")
+        "shared",
+        description="how a stage's inputs and outputs reach the worker: the workspace path on a shared "
+        "filesystem, or the DVC remote run.dvc_remote",
+    )
+    workspace: str = Field(
+        "~/.cache/mergeflow/worker",
+        min_length=1,
+        description="transfer dvc: the folder on the worker's machine holding its copies of workspaces",
+    )
 
 
 class RunParams(_Section):
     """How the pipeline runs (not what it computes: no stage's outputs depend on this section)."""
 
     task_runner: Literal["threads", "dask"] = "threads"
-    workers: Optional[int] = Field(None, ge=1, description="threads or Dask workers (default: the machine's cores, at most 2 threads)")
+    workers: Optional[int] = Field(
+        None, ge=1, description="threads or Dask workers (default: the machine's cores, at most 2 threads)"
+    )
     dask_address: Optional[str] = Field(None, description="an existing Dask scheduler (default: a LocalCluster on 127.0.0.1)")
     gpu: GpuParams = Field(default_factory=GpuParams)
-    tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    prefect_api_url: Optional[str] = Field(None, description="Prefect server (default: $PREFECT_API_URL, else a temporary local one)")
+    tracking_uri: Optional[str] = Field(
+        None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"
+    )
+    prefect_api_url: Optional[str] = Field(
+        None, description="Prefect server (default: $PREFECT_API_URL, else a temporary local one)"
+    )
     dvc_remote: Optional[str] = Field(None, description="DVC remote to push the outputs to after a run (default: none)")
     lock: Literal["wait", "refuse"] = Field("wait", description="another run holds the workspace: wait for it, or refuse at once")
     lock_timeout: float = Field(3600.0, ge=0, description="seconds to wait for the workspace before giving up")
@@ -205,8 +223,10 @@ class RunParams(_Section):
     @model_validator(mode="after")
     def _transfer(self) -> "RunParams":
         if self.gpu.transfer == "dvc" and self.gpu.stages and not self.dvc_remote:
-            raise ValueError("gpu.transfer: dvc moves the stages' artifacts through a DVC remote: set run.dvc_remote "
-                             "to a remote's name (dvc remote add NAME URL)")
+            raise ValueError(
+                "gpu.transfer: dvc moves the stages' artifacts through a DVC remote: set run.dvc_remote "
+                "to a remote's name (dvc remote add NAME URL)"
+            )
         return self
 
 
@@ -287,8 +307,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[s
     except (OSError, UnicodeDecodeError) as exc:
         raise MergeflowError(f"{path}: cannot read the params file ({' '.join(str(exc).split())[:160]})") from None
     if data is None:
-        raise MergeflowError(f"{path}: empty params file (expected a mapping of sections; "
-                             f"write {{}} for every default)")
+        raise MergeflowError(f"{path}: empty params file (expected a mapping of sections; write {{}} for every default)")
     if not isinstance(data, dict):
         raise MergeflowError(f"{path}: expected a mapping of sections at the top level, got a {type(data).__name__}")
     for assignment in overrides:

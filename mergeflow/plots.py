@@ -1,6 +1,7 @@
 """Plots people compare: the score per task and model (a heatmap), every model's normalised
 score ranked, storage against normalised accuracy, and Auto-Switch's routing accuracy beside
 its accuracy per mode."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,9 +44,14 @@ def plot_all(metrics: Mapping, out_dir: str | Path) -> list[Path]:
     # every model's normalised score, best first
     ranked = sorted(models.items(), key=lambda kv: kv[1]["norm_acc_avg"])
     fig, ax = plt.subplots(figsize=(7, max(3, 0.3 * len(ranked) + 1)))
-    bars = ax.barh(range(len(ranked)), [row["norm_acc_avg"] for _, row in ranked],
-                   color=["grey" if name == "base" else colors[0] if name == "experts" or row.get("dynamic") else colors[2]
-                          for name, row in ranked])
+    bars = ax.barh(
+        range(len(ranked)),
+        [row["norm_acc_avg"] for _, row in ranked],
+        color=[
+            "grey" if name == "base" else colors[0] if name == "experts" or row.get("dynamic") else colors[2]
+            for name, row in ranked
+        ],
+    )
     ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     ax.set_yticks(range(len(ranked)), [name for name, _ in ranked])
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")

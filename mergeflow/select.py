@@ -14,6 +14,7 @@ two share plus the helpers ``_count``, ``_cat`` and ``_bincount``.
 -0.0 counts as zero (its sign bit is cleared). NaN and negative values raise ValueError,
 found by one ``aminmax`` reduction. The algorithm and back ends: docs/internals.md#select.
 """
+
 from __future__ import annotations
 
 import math
@@ -272,5 +273,7 @@ def global_thresholds(groups: Callable[[], Iterable[Sequence[torch.Tensor]]], ks
                     raise ValueError(f"k={k} is out of range for {totals[i]} values (1 <= k <= numel)")
             digit, ranks[i] = _pick(hists[i], ranks[i])
             prefixes[i] = (prefixes[i] << _DIGIT) | digit
-    return [torch.tensor(float("inf")) if k == 0 else torch.tensor(p, dtype=torch.int32).view(torch.float32)
-            for k, p in zip(ks, prefixes)]
+    return [
+        torch.tensor(float("inf")) if k == 0 else torch.tensor(p, dtype=torch.int32).view(torch.float32)
+        for k, p in zip(ks, prefixes)
+    ]

@@ -1,4 +1,5 @@
 """Task vectors: tau_t = theta_t - theta_0, computed tensor by tensor in float32."""
+
 from __future__ import annotations
 
 from pathlib import Path

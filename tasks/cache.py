@@ -2,6 +2,7 @@
 the digests of its upstream stages' outputs, all as mergeflow/stages/spec.py's table says, which
 dvc.yaml is generated from) matches the stamp of its last run and its own outputs are still
 exactly as that run left them."""
+
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +15,7 @@ import mergeflow
 from mergeflow.io.atomic import write_json
 from mergeflow.params import Params
 from mergeflow.stages import Layout, spec
+
 
 def stamp_path(root: Path, stage: str) -> Path:
     return root / ".mergeflow" / "stamps" / f"{stage}.json"
@@ -87,7 +89,12 @@ def read_stamp(root: Path, stage: str) -> dict | None:
 
 def fingerprint(p: Params, root: Path, stage: str) -> str | None:
     """None when an upstream stage has no valid stamp (then this stage must run)."""
-    parts: dict[str, Any] = {"stage": stage, "params": p.section(*spec.SPEC[stage].params), "code": spec.code_digest(stage), "upstream": {}}
+    parts: dict[str, Any] = {
+        "stage": stage,
+        "params": p.section(*spec.SPEC[stage].params),
+        "code": spec.code_digest(stage),
+        "upstream": {},
+    }
     if stage == "download" and p.download.family is not None:
         # hub refs re-resolved (a branch may have moved), local folders re-hashed (cached by stat)
         from mergeflow.errors import MergeflowError

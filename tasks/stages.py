@@ -1,6 +1,7 @@
 """Prefect tasks around the library's stage functions: caching by inputs, progress in the logs,
 and each stage's units (per task, per method, per evaluated model) fanned out through the flow's
 task runner (threads, or a Dask cluster)."""
+
 from __future__ import annotations
 
 import time

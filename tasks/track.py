@@ -1,5 +1,6 @@
 """MLflow: one experiment per ``experiment`` param, a parent run per pipeline run, a nested run
 per method; params, every metric, the plots and tables, tags leading back to git and dvc.lock."""
+
 from __future__ import annotations
 
 import json
@@ -42,6 +43,7 @@ def experiment_id(mlflow, name: str, root: Path) -> str:
 
 def source_tags(sources: dict) -> dict[str, str]:
     """``source.<name>[.dataset]`` -> the pinned ref (hub commit) or the local path and its sha256."""
+
     def pin(entry) -> str | None:
         if not isinstance(entry, dict):  # the zoo's manifest has no pins
             return None

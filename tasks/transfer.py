@@ -12,6 +12,7 @@ them into place atomically. Data travels as DVC's content-addressed objects only
 already holding an input costs nothing to push again, and a worker already holding it pulls
 nothing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,8 +67,9 @@ def push_inputs(root: Path, stage: str, remote: str) -> dict[str, str]:
     """Commit and push the outputs of ``stage``'s upstream stages; returns ``{relative path: DVC hash}``."""
     ups = spec.upstream(stage)
     if not version.is_dvc_repo(root):
-        raise MergeflowError(f"run.gpu.transfer: dvc needs the workspace {root} to be a DVC repository with dvc.yaml "
-                             f"(git init && dvc init)")
+        raise MergeflowError(
+            f"run.gpu.transfer: dvc needs the workspace {root} to be a DVC repository with dvc.yaml (git init && dvc init)"
+        )
     dvc(["commit", "--force", "--quiet", *ups], root, f"committing the inputs of {stage}")
     dvc(["push", "--quiet", "-r", remote, *ups], root, f"pushing the inputs of {stage} to remote {remote!r}", retry=True)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
@@ -110,8 +112,12 @@ def add_and_push(root: Path, paths: list[Path], remote: str) -> dict[str, str]:
     """``dvc add`` the outputs (a worker's repository, no dvc.yaml) and push them; returns their hashes."""
     rels = [_rel(root, p) for p in paths]
     dvc(["add", "--quiet", *rels], root, "adding the stage outputs to the worker's DVC cache")
-    dvc(["push", "--quiet", "-r", remote, *(f"{r}.dvc" for r in rels)], root, f"pushing the stage outputs to {remote!r}",
-        retry=True)
+    dvc(
+        ["push", "--quiet", "-r", remote, *(f"{r}.dvc" for r in rels)],
+        root,
+        f"pushing the stage outputs to {remote!r}",
+        retry=True,
+    )
     return {rel: yaml.safe_load((root / f"{rel}.dvc").read_text())["outs"][0]["md5"] for rel in rels}
 
 
@@ -140,8 +146,13 @@ def prepare_worker(root: Path, url: str, hashes: dict[str, str], stamps: dict[st
         entry = have.get(rel)
         if not (entry and entry[0] == md5 and entry[1] == cache.outs_digest([root / rel], root)):
             want[rel] = md5
-    pull(root, want, REMOTE, f"pulling the stage inputs from {url}", [d for d in dirs if any(
-        d == rel or d.startswith(rel + "/") for rel in want)])
+    pull(
+        root,
+        want,
+        REMOTE,
+        f"pulling the stage inputs from {url}",
+        [d for d in dirs if any(d == rel or d.startswith(rel + "/") for rel in want)],
+    )
     write_json(record, {rel: [md5, cache.outs_digest([root / rel], root)] for rel, md5 in hashes.items()})
     for up, stamp in stamps.items():
         write_json(cache.stamp_path(root, up), stamp)

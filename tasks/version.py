@@ -1,4 +1,5 @@
 """DVC: commit the stage outputs to the cache so every merge is versioned by dvc.lock."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,13 @@ def dvc(args: list[str], cwd: Path, what: str, retry_delays: tuple[float, ...] =
     directory, which a flow must not change); tried again after each of ``retry_delays`` seconds
     (network steps); a failure is one line naming what was being done. Returns stdout."""
     for delay in (*retry_delays, None):
-        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True,
-                              env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, DVC_NO_ANALYTICS="1"),
+        )
         if proc.returncode == 0 or delay is None:
             break
         time.sleep(delay)

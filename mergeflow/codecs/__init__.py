@@ -1,4 +1,5 @@
 """Switch storage formats. ``switch``: the binary task switch (T-Switch) container."""
+
 from mergeflow.codecs.switch import (
     FORMAT_NAME,
     FORMAT_VERSION,

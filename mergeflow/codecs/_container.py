@@ -2,6 +2,7 @@
 format and version and carries the CRC-32 of a zlib-compressed JSON index; the index holds the
 CRC-32 of every stored tensor. Readers here turn any inconsistency into a one-line
 MergeflowError naming the file."""
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,7 @@ def fail(path: str | os.PathLike, what: str) -> MergeflowError:
     return MergeflowError(f"{path}: {' '.join(what.split())}")
 
 
-def open_index(path: str | os.PathLike, f: Any, format_name: str, format_version: int, what: str,
-               keys: Sequence[str]) -> dict:
+def open_index(path: str | os.PathLike, f: Any, format_name: str, format_version: int, what: str, keys: Sequence[str]) -> dict:
     """The validated JSON index of an open file (``f`` from ``safe_open``) of ``format_name``;
     ``what`` names the format in messages; ``keys`` must be present. ``index["offsets"]`` is the
     running sum of the entries' ``bytes`` (where each entry's payload starts)."""
@@ -51,8 +51,9 @@ def open_index(path: str | os.PathLike, f: Any, format_name: str, format_version
     if not version.isdigit() or int(version) < 1:
         raise fail(path, f"invalid {what} format version {version!r}")
     if int(version) > format_version:
-        raise fail(path, f"{what} format version {version} is newer than this mergeflow reads "
-                         f"({format_version}); upgrade mergeflow")
+        raise fail(
+            path, f"{what} format version {version} is newer than this mergeflow reads ({format_version}); upgrade mergeflow"
+        )
     try:
         packed = f.get_tensor("index").numpy().tobytes()
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types

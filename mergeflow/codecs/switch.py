@@ -13,6 +13,7 @@ The container: metadata ``format``, ``format_version``, ``index_crc32``; tensors
 a CRC-32 of every stored tensor, so a corrupt file fails loudly on load.
 The bytes, sizes, versions and a worked example: docs/switch-format.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -85,6 +86,7 @@ class SwitchStats:
 
 # --- the two encodings -------------------------------------------------------------------
 
+
 def _bitmap_encode(flat: np.ndarray) -> bytes:
     """Keep bits (one per element) then sign bits (one per kept element, 1 = negative),
     each packed little-endian within bytes and zero-padded to a whole byte."""
@@ -120,7 +122,7 @@ def _ans_encode(flat: np.ndarray, counts: list[int]) -> bytes:
     """rANS words (uint32, little-endian) such that decoding yields the symbols in order."""
     coder, model = constriction.stream.stack.AnsCoder(), _ans_model(counts)
     for start in reversed(range(0, flat.size, _ANS_CHUNK)):  # a stack: encode the end first
-        coder.encode_reverse(flat[start:start + _ANS_CHUNK].astype(np.int32) + 1, model)
+        coder.encode_reverse(flat[start : start + _ANS_CHUNK].astype(np.int32) + 1, model)
     return coder.get_compressed().astype("<u4").tobytes()
 
 
@@ -143,6 +145,7 @@ def _counts(flat: np.ndarray) -> list[int]:
 
 
 # --- writing -------------------------------------------------------------------------------
+
 
 def _ternary_numpy(name: str, t: SwitchTensor) -> np.ndarray:
     """The flattened (row-major) int8 ternary, after checking it."""
@@ -223,6 +226,7 @@ def save_switch(path: str | os.PathLike, switch: Switch, encoding: Encoding = "a
 
 # --- reading -------------------------------------------------------------------------------
 
+
 def _open_index(path: str | os.PathLike, f: Any) -> dict:
     """The validated JSON index of an open switch file."""
     return open_index(path, f, FORMAT_NAME, FORMAT_VERSION, "switch", ("tensors", "dense", "skipped", "metadata", "crc32"))
@@ -252,7 +256,7 @@ def load_switch(path: str | os.PathLike) -> Switch:
             tensors = {}
             for i, (entry, scale) in enumerate(zip(index["tensors"], scales.tolist())):
                 name = entry["name"]
-                payload = payloads[index["offsets"][i]:index["offsets"][i + 1]]
+                payload = payloads[index["offsets"][i] : index["offsets"][i + 1]]
                 try:
                     flat = _decode(entry, payload)
                 except (KeyError, TypeError, ValueError) as e:
@@ -267,6 +271,7 @@ def load_switch(path: str | os.PathLike) -> Switch:
 
 
 # --- statistics ----------------------------------------------------------------------------
+
 
 def _binary_entropy(q: float) -> float:
     return 0.0 if q <= 0 or q >= 1 else -(q * math.log2(q) + (1 - q) * math.log2(1 - q))

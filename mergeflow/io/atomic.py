@@ -4,6 +4,7 @@ into place, so a crash leaves the old output or none, never half of one.
 Every rename first checks :func:`mergeflow.io.outputs.check_replaceable`: an existing target is
 replaced only when mergeflow wrote it, so no writer can delete or overwrite a user's file.
 Folders written here get the marker that proves it (``.mergeflow-output``)."""
+
 from __future__ import annotations
 
 import contextlib

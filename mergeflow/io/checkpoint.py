@@ -13,6 +13,7 @@ never the pages of whole files. ``.bin``/``.pt`` files are loaded only through
 pages are file-backed, so the kernel can drop them; one file is mapped at a time). The reader
 is here; names and dtypes, header, containment, torch loading, checks, writes: checkpoint_*.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,24 @@ from mergeflow.io.checkpoint_torch import _torch_load
 from mergeflow.io.checkpoint_write import canonical_header, save_tensors, write_checkpoint
 
 __all__ = [
-    "ADAPTER_WEIGHTS_NAME", "BIN_INDEX_NAME", "BIN_WEIGHTS_NAME", "DTYPES", "INDEX_NAME", "MAX_HEADER_BYTES", "ST_DTYPES",
-    "TORCH_SUFFIXES", "WEIGHTS_NAME", "Checkpoint", "TensorInfo", "canonical_header", "check_compatible", "check_finite",
-    "member_of", "read_safetensors_header", "save_tensors", "write_checkpoint",
+    "ADAPTER_WEIGHTS_NAME",
+    "BIN_INDEX_NAME",
+    "BIN_WEIGHTS_NAME",
+    "DTYPES",
+    "INDEX_NAME",
+    "MAX_HEADER_BYTES",
+    "ST_DTYPES",
+    "TORCH_SUFFIXES",
+    "WEIGHTS_NAME",
+    "Checkpoint",
+    "TensorInfo",
+    "canonical_header",
+    "check_compatible",
+    "check_finite",
+    "member_of",
+    "read_safetensors_header",
+    "save_tensors",
+    "write_checkpoint",
 ]
 
 
@@ -74,8 +90,11 @@ class Checkpoint:
         else:
             if (self.path / "config.json").exists():
                 self.config_path = self.member("config.json")
-            for index_name, single_name in ((INDEX_NAME, WEIGHTS_NAME), (BIN_INDEX_NAME, BIN_WEIGHTS_NAME),
-                                            (None, ADAPTER_WEIGHTS_NAME)):
+            for index_name, single_name in (
+                (INDEX_NAME, WEIGHTS_NAME),
+                (BIN_INDEX_NAME, BIN_WEIGHTS_NAME),
+                (None, ADAPTER_WEIGHTS_NAME),
+            ):
                 if index_name and (self.path / index_name).exists():
                     self._infos = self._scan_sharded(self.member(index_name))
                     break

@@ -1,5 +1,6 @@
 """Checks on checkpoints and tensors: same names, shapes and floating dtypes as a base, and
 finite values; each failure a one-line error."""
+
 from __future__ import annotations
 
 from pathlib import Path

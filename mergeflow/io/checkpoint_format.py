@@ -1,5 +1,6 @@
 """Checkpoint formats: the file names of a Hugging Face checkpoint folder, the dtype tables
 (``DTYPES`` by name, ``ST_DTYPES`` by safetensors code) and ``TensorInfo``, where one tensor lives."""
+
 from __future__ import annotations
 
 import math
@@ -22,13 +23,25 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 ST_DTYPES: dict[str, torch.dtype] = {
     code: dt
     for code, dt in {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-        "U64": getattr(torch, "uint64", None), "U32": getattr(torch, "uint32", None),
-        "U16": getattr(torch, "uint16", None), "U8": torch.uint8, "BOOL": torch.bool,
-        "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
-        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None), "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
-        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None), "C64": torch.complex64,
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U64": getattr(torch, "uint64", None),
+        "U32": getattr(torch, "uint32", None),
+        "U16": getattr(torch, "uint16", None),
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+        "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+        "F8_E5M2": getattr(torch, "float8_e5m2", None),
+        "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+        "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+        "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+        "C64": torch.complex64,
     }.items()
     if dt is not None
 }

@@ -1,5 +1,6 @@
 """Reading and validating a safetensors header without reading tensor data (what ``Checkpoint``
 does for every file up front)."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,9 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
                 raise MergeflowError(f"{file}: not a safetensors file ({size} bytes, too short for a header)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise MergeflowError(f"{file}: not a safetensors file (header length {n} does not fit in the file's {size} bytes)")
+                raise MergeflowError(
+                    f"{file}: not a safetensors file (header length {n} does not fit in the file's {size} bytes)"
+                )
             raw = fh.read(n)
     except OSError as exc:
         raise MergeflowError(f"{file}: cannot read ({_one_line(exc)})") from None
@@ -44,7 +47,9 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
             if not all(_is_count(x) for x in (*shape, begin, end)):
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise MergeflowError(f"{file}: tensor {name} has an invalid header entry {_one_line(json.dumps(entry))[:120]}") from None
+            raise MergeflowError(
+                f"{file}: tensor {name} has an invalid header entry {_one_line(json.dumps(entry))[:120]}"
+            ) from None
         if code not in ST_DTYPES:
             raise MergeflowError(f"{file}: tensor {name} has dtype {code}, which this torch cannot read")
         info = TensorInfo(file, ST_DTYPES[code], tuple(shape), base + begin, base + end)
@@ -58,7 +63,9 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if info.start != expect:
             raise MergeflowError(f"{file}: tensor {name} data overlaps another tensor or leaves a gap (corrupt header)")
         if info.end > size:
-            raise MergeflowError(f"{file}: tensor {name} is cut short: its data ends at byte {info.end}, the file has {size} (truncated file)")
+            raise MergeflowError(
+                f"{file}: tensor {name} is cut short: its data ends at byte {info.end}, the file has {size} (truncated file)"
+            )
         expect = info.end
     if expect != size:
         raise MergeflowError(f"{file}: {size - expect} stray bytes after the last tensor (corrupt file)")

@@ -6,6 +6,7 @@ layout, ``QuantView`` (``mergeflow.codecs.quant``) reads a task's dequantised te
 ``CheckpointView`` (``mergeflow.models.causal_download``) lays a writer's output out like a
 renamed or restricted checkpoint.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

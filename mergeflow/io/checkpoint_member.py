@@ -1,5 +1,6 @@
 """Containment: a file named inside a checkpoint (an index's shard, a config, an adapter) must
 lie in the checkpoint's folder, or in its Hugging Face cache snapshot's blobs."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,11 @@ def _allowed_roots(folder: Path) -> list[Path]:
     real = Path(os.path.realpath(folder))
     roots = [real]
     for a in (real, *real.parents):
-        if _SNAPSHOT.fullmatch(a.name) and a.parent.name == "snapshots" and a.parent.parent.name.startswith(
-                ("models--", "datasets--")):
+        if (
+            _SNAPSHOT.fullmatch(a.name)
+            and a.parent.name == "snapshots"
+            and a.parent.parent.name.startswith(("models--", "datasets--"))
+        ):
             roots.append(a.parent.parent / "blobs")
             break
     return roots

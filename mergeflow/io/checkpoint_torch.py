@@ -1,5 +1,6 @@
 """Loading ``.bin``/``.pt`` state dicts through ``torch.load(weights_only=True)`` only: a pickle
 holding more than tensors is refused in one line, as are damaged files and non-dense tensors."""
+
 from __future__ import annotations
 
 import pickle
@@ -27,7 +28,8 @@ def _torch_load(file: Path) -> dict[str, torch.Tensor]:
             why = _one_line(reason.group(1)).rstrip(".") or "unsupported pickle content"
             raise MergeflowError(
                 f"{file}: refused by torch.load(weights_only=True): it holds more than tensors, or is not a "
-                f"torch.save file ({why})") from None
+                f"torch.save file ({why})"
+            ) from None
         raise MergeflowError(f"{file}: corrupt or truncated torch file ({_one_line(exc)})") from None
     except Exception as exc:  # torch.load raises many kinds on damaged files
         first = re.split(r"(?<=\.)\s", _one_line(exc), maxsplit=1)[0]

@@ -1,5 +1,6 @@
 """Writing safetensors files and checkpoints atomically, with canonical headers (same inputs,
 same bytes)."""
+
 from __future__ import annotations
 
 import json

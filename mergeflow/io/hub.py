@@ -13,6 +13,7 @@ revision, or a refused token, is not (``hub_failures``). Every failure is a one-
 not in the local cache (offline mode: HF_HUB_OFFLINE=1); ...``. huggingface_hub is imported only
 when something has to be downloaded or looked up.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,9 +26,25 @@ from mergeflow.io.hub_failures import _Ctx, is_transient
 from mergeflow.io.hub_refs import _SHA, DEFAULT_REVISION, REPO_TYPES, HubError, RepoType, Resolved, _check, format_ref, parse_ref
 
 __all__ = [
-    "CHECKPOINT_FILE_PATTERNS", "DEFAULT_REVISION", "OFFLINE_ENV", "REPO_TYPES", "SAFETENSORS_PATTERNS", "TORCH_PATTERNS",
-    "WEIGHT_SUFFIXES", "HubError", "RepoType", "Resolved", "cache_commit", "cached_revisions", "format_ref", "head_commit",
-    "hub_cache", "hub_offline", "is_transient", "parse_ref", "resolve",
+    "CHECKPOINT_FILE_PATTERNS",
+    "DEFAULT_REVISION",
+    "OFFLINE_ENV",
+    "REPO_TYPES",
+    "SAFETENSORS_PATTERNS",
+    "TORCH_PATTERNS",
+    "WEIGHT_SUFFIXES",
+    "HubError",
+    "RepoType",
+    "Resolved",
+    "cache_commit",
+    "cached_revisions",
+    "format_ref",
+    "head_commit",
+    "hub_cache",
+    "hub_offline",
+    "is_transient",
+    "parse_ref",
+    "resolve",
 ]
 
 # Model checkpoints: configs and tokenizer files, then safetensors weights; torch pickles only
@@ -42,8 +59,15 @@ _sleep = time.sleep  # tests replace it
 T = TypeVar("T")
 
 
-def head_commit(repo: str, repo_type: RepoType = "model", revision: str | None = None, *,
-                offline: bool | None = None, retries: int = 3, backoff: float = 1.0) -> str | None:
+def head_commit(
+    repo: str,
+    repo_type: RepoType = "model",
+    revision: str | None = None,
+    *,
+    offline: bool | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+) -> str | None:
     """The commit ``revision`` points at now, without downloading: the hub's answer online (retried
     on transient errors), the local cache's offline (None when it has no snapshot for it).
 
@@ -69,9 +93,17 @@ def head_commit(repo: str, repo_type: RepoType = "model", revision: str | None =
         raise HubError(ref, ctx.explain(exc, 1)) from None
 
 
-def resolve(repo: str, repo_type: RepoType = "model", revision: str | None = None,
-            allow_patterns: list[str] | str | None = None, *, offline: bool | None = None,
-            retries: int = 3, backoff: float = 1.0, subfolder: str | None = None) -> Resolved:
+def resolve(
+    repo: str,
+    repo_type: RepoType = "model",
+    revision: str | None = None,
+    allow_patterns: list[str] | str | None = None,
+    *,
+    offline: bool | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+    subfolder: str | None = None,
+) -> Resolved:
     """Download (or find in the local cache) a snapshot of ``repo`` at ``revision``, pinned to its commit.
 
     ``revision`` defaults to "main"; a 40-hex commit pins itself. For a model and no
@@ -92,8 +124,7 @@ def resolve(repo: str, repo_type: RepoType = "model", revision: str | None = Non
     ctx = _Ctx(ref, repo, repo_type, asked, is_offline, explicit=offline is not None, attempts=attempts)
 
     def fetch(rev: str, patterns) -> Path:
-        return Path(_retrying(lambda: _snapshot_download(repo, repo_type, rev, patterns, is_offline),
-                              attempts, backoff))
+        return Path(_retrying(lambda: _snapshot_download(repo, repo_type, rev, patterns, is_offline), attempts, backoff))
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
@@ -119,8 +150,11 @@ def resolve(repo: str, repo_type: RepoType = "model", revision: str | None = Non
         raise HubError(ref, f"asked for commit {asked} but the cache gave {commit}")
     if repo_type == "model" and allow_patterns is None and not _has(path / prefix, WEIGHT_SUFFIXES):
         where = "the cached snapshot" if is_offline else "the snapshot"
-        raise HubError(ref, f"{where} {commit} has no weights ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})"
-                            f" in {path}" + (f"; {ctx.offline_hint()}" if is_offline else ""))
+        raise HubError(
+            ref,
+            f"{where} {commit} has no weights ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})"
+            f" in {path}" + (f"; {ctx.offline_hint()}" if is_offline else ""),
+        )
     return Resolved(repo=repo, repo_type=repo_type, revision=asked, commit=commit, path=path)
 
 
@@ -132,8 +166,13 @@ def _snapshot_download(repo: str, repo_type: str, revision: str, allow_patterns,
     import huggingface_hub  # looked up on the module each call, so tests can replace it
 
     return huggingface_hub.snapshot_download(
-        repo, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns,
-        cache_dir=hub_cache(), local_files_only=local_files_only)
+        repo,
+        repo_type=repo_type,
+        revision=revision,
+        allow_patterns=allow_patterns,
+        cache_dir=hub_cache(),
+        local_files_only=local_files_only,
+    )
 
 
 class _GaveUp(Exception):
@@ -152,5 +191,5 @@ def _retrying(call: Callable[[], T], attempts: int, backoff: float) -> T:
                 raise
             if i + 1 >= attempts:
                 raise _GaveUp(exc, attempts) from exc
-            _sleep(backoff * 2 ** i)
+            _sleep(backoff * 2**i)
     raise AssertionError("unreachable")

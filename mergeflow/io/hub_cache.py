@@ -1,6 +1,7 @@
 """The hub's local cache as huggingface_hub lays it out, read without network, and the environment
 that configures it (``HF_HUB_CACHE``, ``HF_HOME``, ``HF_HUB_OFFLINE``), read when called
 (huggingface_hub reads it once, at import)."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Hub failures: which are transient (worth retrying) and which permanent, and the one-line
 explanation a :class:`~mergeflow.io.hub_refs.HubError` carries (see :mod:`mergeflow.io.hub`)."""
+
 from __future__ import annotations
 
 import os
@@ -27,9 +28,20 @@ def _status(exc: BaseException) -> int | None:
 
 def _is_permanent(exc: BaseException) -> bool:
     name = type(exc).__name__
-    if name in ("OfflineModeIsEnabled", "RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError",
-                "DisabledRepoError", "RemoteEntryNotFoundError", "EntryNotFoundError", "HFValidationError",
-                "LocalTokenNotFoundError", "ProxyError", "UnsupportedProtocol", "InvalidURL"):
+    if name in (
+        "OfflineModeIsEnabled",
+        "RepositoryNotFoundError",
+        "GatedRepoError",
+        "RevisionNotFoundError",
+        "DisabledRepoError",
+        "RemoteEntryNotFoundError",
+        "EntryNotFoundError",
+        "HFValidationError",
+        "LocalTokenNotFoundError",
+        "ProxyError",
+        "UnsupportedProtocol",
+        "InvalidURL",
+    ):
         return True
     status = _status(exc)
     return status is not None and status < 500 and status != 429
@@ -108,8 +120,10 @@ class _Ctx:
         if "IncompleteSnapshotError" in names:
             return f"the cached snapshot is incomplete ({_short(exc)}); {self.offline_hint()}"
         if is_transient(exc):
-            return (f"hub unreachable after {attempts} attempt{'s' * (attempts > 1)} "
-                    f"({type(_root(exc)).__name__}: {_short(_root(exc))})")
+            return (
+                f"hub unreachable after {attempts} attempt{'s' * (attempts > 1)} "
+                f"({type(_root(exc)).__name__}: {_short(_root(exc))})"
+            )
         if "LocalEntryNotFoundError" in names or "OfflineModeIsEnabled" in names:
             return self.missing_from_cache("OfflineModeIsEnabled" in names and not self.offline)
         return f"cannot resolve ({type(exc).__name__}: {_short(exc)})"

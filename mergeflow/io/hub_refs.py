@@ -1,6 +1,7 @@
 """Hub refs: ``hf://org/name[@revision]`` (a model) and ``hf://datasets/org/name[@revision]``
 parsed and checked, the :class:`Resolved` record of what a ref resolved to, and
 :class:`HubError`, the one-line failure every hub function raises (see :mod:`mergeflow.io.hub`)."""
+
 from __future__ import annotations
 
 import re
@@ -54,8 +55,7 @@ class Resolved:
         record that depends only on what was asked and what it resolved to keeps the download
         stage's output (and DVC's hash of it) the same wherever it runs.
         """
-        out = {"ref": self.ref, "repo": self.repo, "repo_type": self.repo_type,
-               "revision": self.revision, "commit": self.commit}
+        out = {"ref": self.ref, "repo": self.repo, "repo_type": self.repo_type, "revision": self.revision, "commit": self.commit}
         if with_path:
             out["path"] = str(self.path)
         return out
@@ -65,10 +65,10 @@ def parse_ref(ref: str) -> tuple[RepoType, str, str | None]:
     """``hf://org/name[@rev]`` -> ("model", "org/name", rev or None); ``hf://datasets/...`` -> "dataset"."""
     if not isinstance(ref, str) or not ref.startswith("hf://"):
         raise HubError(str(ref), _REF_FORM)
-    body, at, revision = ref[len("hf://"):].partition("@")
+    body, at, revision = ref[len("hf://") :].partition("@")
     repo_type: RepoType = "model"
     if body.startswith("datasets/"):
-        repo_type, body = "dataset", body[len("datasets/"):]
+        repo_type, body = "dataset", body[len("datasets/") :]
     if not _valid_repo(body) or (at and not _valid_revision(revision)):
         raise HubError(ref, _REF_FORM)
     return repo_type, body, (revision if at else None)
@@ -85,8 +85,13 @@ def _valid_repo(repo: str) -> bool:
 
 
 def _valid_revision(revision: str) -> bool:
-    return (bool(revision) and not any(c.isspace() for c in revision)
-            and ".." not in revision.split("/") and not revision.startswith("/") and "\\" not in revision)
+    return (
+        bool(revision)
+        and not any(c.isspace() for c in revision)
+        and ".." not in revision.split("/")
+        and not revision.startswith("/")
+        and "\\" not in revision
+    )
 
 
 def _check(repo: str, repo_type: str, revision: str | None) -> str:

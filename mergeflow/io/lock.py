@@ -4,6 +4,7 @@ Two runs on one workspace would write the same outputs; the second waits for the
 up to a timeout) or refuses at once (``refuse``), with one line naming the holder. The lock is the
 operating system's (``flock``): a crashed or killed run releases it with its process.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,9 @@ def _holder(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def workspace_lock(root: Path, mode: str = "wait", timeout: float = 3600.0,
-                   log: Callable[[str], None] = lambda msg: None) -> Iterator[None]:
+def workspace_lock(
+    root: Path, mode: str = "wait", timeout: float = 3600.0, log: Callable[[str], None] = lambda msg: None
+) -> Iterator[None]:
     """Hold the workspace for one run. ``mode`` "wait" waits up to ``timeout`` seconds, "refuse"
     fails at once; either way a failure is a one-line MergeflowError naming the holder."""
     from filelock import FileLock, Timeout
@@ -42,14 +44,17 @@ def workspace_lock(root: Path, mode: str = "wait", timeout: float = 3600.0,
         lock.acquire(timeout=0)
     except Timeout:
         if mode == "refuse":
-            raise MergeflowError(f"{root}: workspace in use by another mergeflow run ({_holder(owner)}); "
-                                 f"refusing (run.lock: refuse)") from None
+            raise MergeflowError(
+                f"{root}: workspace in use by another mergeflow run ({_holder(owner)}); refusing (run.lock: refuse)"
+            ) from None
         log(f"workspace {root} is in use by another run ({_holder(owner)}): waiting up to {timeout:.0f} s")
         try:
             lock.acquire(timeout=timeout)
         except Timeout:
-            raise MergeflowError(f"{root}: workspace still in use by another mergeflow run ({_holder(owner)}) "
-                                 f"after {timeout:.0f} s (run.lock_timeout)") from None
+            raise MergeflowError(
+                f"{root}: workspace still in use by another mergeflow run ({_holder(owner)}) "
+                f"after {timeout:.0f} s (run.lock_timeout)"
+            ) from None
     try:
         owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         yield

@@ -12,6 +12,7 @@ no writer can bypass the rule; commands call :func:`claim` first, given their in
 a refusal comes before any work. Every refusal is a one-line :class:`MergeflowError` naming
 the path and the reason. The rule in full: docs/internals.md#outputs.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ _MAX_MARKER_BYTES = 16 << 20
 
 
 # --- markers ------------------------------------------------------------------------------
+
 
 def _listing(path: Path) -> list[str]:
     """Every entry below ``path`` (files, links and empty folders) as sorted relative POSIX
@@ -69,8 +71,12 @@ def read_marker(folder: Path) -> dict | None:
         data = json.loads(f.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    if (not isinstance(data, dict) or data.get("writer") != WRITER or not isinstance(data.get("kind"), str)
-            or not isinstance(data.get("files"), list)):
+    if (
+        not isinstance(data, dict)
+        or data.get("writer") != WRITER
+        or not isinstance(data.get("kind"), str)
+        or not isinstance(data.get("files"), list)
+    ):
         return None
     return data
 
@@ -91,6 +97,7 @@ def keep_tree(folder: str | os.PathLike) -> Path:
 
 
 # --- ownership -----------------------------------------------------------------------------
+
 
 def _file_format(path: Path) -> str | None:
     """``__metadata__.format`` of a safetensors file, read from its header alone (None otherwise)."""
@@ -150,28 +157,37 @@ def check_replaceable(path: str | os.PathLike, is_dir: bool, kind: str | None = 
     if not is_dir:
         owner = file_owner(path)
         if owner is None:
-            raise MergeflowError(f"{path}: exists and was not written by mergeflow; it is left as it is (move it away or write elsewhere)")
+            raise MergeflowError(
+                f"{path}: exists and was not written by mergeflow; it is left as it is (move it away or write elsewhere)"
+            )
         if kind is not None and owner.startswith("mergeflow.") and owner != kind:
-            raise MergeflowError(f"{path}: is a {owner} file, not a {kind} one; it is left as it is (move it away or write elsewhere)")
+            raise MergeflowError(
+                f"{path}: is a {owner} file, not a {kind} one; it is left as it is (move it away or write elsewhere)"
+            )
         return
     marker = read_marker(path)
     present = _listing(path)
     if marker is None:
         if not present and not (path / MARKER).exists():
             return  # an empty folder: nothing to lose
-        raise MergeflowError(f"{path}: exists and is not a mergeflow output (no {MARKER} marker); "
-                             f"it is left as it is (move it away, empty it, or write elsewhere)")
+        raise MergeflowError(
+            f"{path}: exists and is not a mergeflow output (no {MARKER} marker); "
+            f"it is left as it is (move it away, empty it, or write elsewhere)"
+        )
     if kind is not None and marker["kind"] not in (kind, TREE) and kind != TREE:
         raise MergeflowError(f"{path}: holds a mergeflow {marker['kind']} output, not a {kind} one; it is left as it is")
     if marker["kind"] == TREE:
         raise MergeflowError(f"{path}: is a folder mergeflow keeps outputs in, not an output to replace")
     listed = set(marker["files"])
     if foreign := [f for f in present if f not in listed]:
-        raise MergeflowError(f"{path}: holds {foreign[0]}, which mergeflow did not write; it is left as it is "
-                             f"(move that file away to replace this output)")
+        raise MergeflowError(
+            f"{path}: holds {foreign[0]}, which mergeflow did not write; it is left as it is "
+            f"(move that file away to replace this output)"
+        )
 
 
 # --- inputs ---------------------------------------------------------------------------------
+
 
 def _input_paths(inp: Path) -> list[Path]:
     """Where an input lives: its own real path and, for a folder, the real paths its links lead to."""
@@ -204,8 +220,7 @@ def check_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> 
                 raise MergeflowError(f"{out}: lies inside the input {inp}; mergeflow never writes into its inputs")
 
 
-def claim(out: str | os.PathLike, *, is_dir: bool, kind: str | None = None,
-          inputs: Iterable[str | os.PathLike] = ()) -> Path:
+def claim(out: str | os.PathLike, *, is_dir: bool, kind: str | None = None, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Check, before any work, that ``out`` may receive a new output: apart from every input and
     absent or replaceable (:func:`check_replaceable`). Returns ``out`` as a Path."""
     out = Path(out)

@@ -1,4 +1,5 @@
 """Checkpoint references: local directories or files, and ``hf://org/name[@revision]``."""
+
 from __future__ import annotations
 
 from pathlib import Path

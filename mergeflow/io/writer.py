@@ -9,6 +9,7 @@ or the base's shard files with a ``model.safetensors.index.json``, ``config.json
 Everything is written inside a temporary directory renamed into place on success
 (``atomic_dir``): a failure leaves the old output or none.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,10 +75,14 @@ class _File:
         dtype, shape = self.entries[name]
         n = math.prod(shape)
         if flat.dim() != 1 or start < 0 or start + flat.numel() > n:
-            raise MergeflowError(f"{self.path.name}: tensor {name}: block [{start}, {start + flat.numel()}) is outside its {n} elements")
+            raise MergeflowError(
+                f"{self.path.name}: tensor {name}: block [{start}, {start + flat.numel()}) is outside its {n} elements"
+            )
         data = flat.detach().to(device="cpu", dtype=dtype).contiguous()
         if data.numel():
-            _pwrite_all(self.fd, data.view(torch.uint8).numpy().data, self.data_start + self.offsets[name] + start * data.element_size())
+            _pwrite_all(
+                self.fd, data.view(torch.uint8).numpy().data, self.data_start + self.offsets[name] + start * data.element_size()
+            )
         self.filled[name] = done = self.filled.get(name, 0) + data.numel()
         if done >= n:
             self.pending.discard(name)
@@ -99,8 +104,14 @@ class CheckpointWriter:
                 w.write(name, merged(name))
     """
 
-    def __init__(self, out_dir: str | Path, like: ShardedLayout, dtype: torch.dtype | None = None,
-                 metadata: Mapping[str, str] | None = None, copy_files: Iterable[str] = COPIED_FILES):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        like: ShardedLayout,
+        dtype: torch.dtype | None = None,
+        metadata: Mapping[str, str] | None = None,
+        copy_files: Iterable[str] = COPIED_FILES,
+    ):
         self.out_dir, self.like, self.dtype = Path(out_dir), like, dtype
         self.metadata = {"format": "pt", **dict(metadata or {})}
         self.copy_files = tuple(copy_files)
@@ -164,8 +175,10 @@ class CheckpointWriter:
             if f.pending:
                 raise MergeflowError(f"{self.out_dir}: tensor {sorted(f.pending)[0]} was never written")
         if len(self._files) > 1:
-            index = {"metadata": {"total_size": sum(f.size - f.data_start for f in self._files.values())},
-                     "weight_map": {n: f.path.name for n, f in self._file_of.items()}}
+            index = {
+                "metadata": {"total_size": sum(f.size - f.data_start for f in self._files.values())},
+                "weight_map": {n: f.path.name for n, f in self._file_of.items()},
+            }
             (self.tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         if self.like.path.is_dir():
             for fname in self.copy_files:

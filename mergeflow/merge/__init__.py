@@ -8,6 +8,7 @@ straight to its sink: a streaming checkpoint writer (``merge_to_disk``) or a dic
 the model size. A method with a ``prepare`` step (a model-wide threshold, EMR's rescalers)
 gets extra read-only passes over the inputs before the writing pass.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,12 +25,35 @@ from mergeflow.merge.reading import PREFETCH_BYTES, READERS, ReadBuffers
 from mergeflow.merge.sources import MemoryCheckpoint, TaskVectors, is_floating, resolve_device
 from mergeflow.methods import Method
 
-__all__ = ["BLOCK_CPU", "BLOCK_CUDA", "PREFETCH_BYTES", "READERS", "MemoryCheckpoint", "Progress", "ReadBuffers", "Sink",
-           "TaskVectors", "TensorTaus", "is_floating", "merge", "merge_state_dicts", "merge_to_disk", "resolve_device", "run"]
+__all__ = [
+    "BLOCK_CPU",
+    "BLOCK_CUDA",
+    "PREFETCH_BYTES",
+    "READERS",
+    "MemoryCheckpoint",
+    "Progress",
+    "ReadBuffers",
+    "Sink",
+    "TaskVectors",
+    "TensorTaus",
+    "is_floating",
+    "merge",
+    "merge_state_dicts",
+    "merge_to_disk",
+    "resolve_device",
+    "run",
+]
 
 
-def merge(method: Method, base: CheckpointReader, sources: Sequence[TaskVectors], hp: Mapping[str, Any],
-          device: torch.device = torch.device("cpu"), progress: Progress | None = None, data: Any = None) -> list[dict[str, torch.Tensor]]:
+def merge(
+    method: Method,
+    base: CheckpointReader,
+    sources: Sequence[TaskVectors],
+    hp: Mapping[str, Any],
+    device: torch.device = torch.device("cpu"),
+    progress: Progress | None = None,
+    data: Any = None,
+) -> list[dict[str, torch.Tensor]]:
     """``run`` into memory: one state dict (static) or one per task (dynamic), on the CPU."""
     outs: list[dict[str, torch.Tensor]] = [{} for _ in range(len(sources) if method.dynamic else 1)]
 
@@ -41,15 +65,24 @@ def merge(method: Method, base: CheckpointReader, sources: Sequence[TaskVectors]
                     out[name] = blk.cpu().reshape(shape)
                     continue
                 out[name] = torch.empty(shape, dtype=blk.dtype)
-            out[name].view(-1)[start:start + blk.numel()] = blk.cpu()
+            out[name].view(-1)[start : start + blk.numel()] = blk.cpu()
 
     run(method, base, sources, hp, sink, device, progress, data)
     return outs
 
 
-def merge_to_disk(method: Method, base: Checkpoint, sources: Sequence[TaskVectors], hp: Mapping[str, Any],
-                  out_dir: str | Path, device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None,
-                  progress: Progress | None = None, metadata: Mapping[str, str] | None = None, data: Any = None) -> list[Path]:
+def merge_to_disk(
+    method: Method,
+    base: Checkpoint,
+    sources: Sequence[TaskVectors],
+    hp: Mapping[str, Any],
+    out_dir: str | Path,
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype | None = None,
+    progress: Progress | None = None,
+    metadata: Mapping[str, str] | None = None,
+    data: Any = None,
+) -> list[Path]:
     """``run`` into checkpoints laid out like the base, written as the tensors are made.
 
     Static: ``out_dir`` is the checkpoint. Dynamic: ``out_dir/task_<i>/`` for the i-th source.
@@ -65,8 +98,10 @@ def merge_to_disk(method: Method, base: Checkpoint, sources: Sequence[TaskVector
             run(method, base, sources, hp, lambda name, start, ts: w.write_block(name, start, ts[0]), device, progress, data)
         return [out_dir]
     with atomic_dir(out_dir) as tmp:
-        writers = [CheckpointWriter(tmp / f"task_{i}", like=base, dtype=dtype, metadata={**meta, "task_index": str(i)})
-                   for i in range(len(sources))]
+        writers = [
+            CheckpointWriter(tmp / f"task_{i}", like=base, dtype=dtype, metadata={**meta, "task_index": str(i)})
+            for i in range(len(sources))
+        ]
         entered: list[CheckpointWriter] = []
         try:
             for w in writers:
@@ -86,8 +121,14 @@ def merge_to_disk(method: Method, base: Checkpoint, sources: Sequence[TaskVector
     return [out_dir / f"task_{i}" for i in range(len(sources))]
 
 
-def merge_state_dicts(method: Method, base: Mapping[str, torch.Tensor], models: Sequence[Mapping[str, torch.Tensor]],
-                      hp: Mapping[str, Any] | None = None, device: str | torch.device = "cpu", data: Any = None) -> list[dict[str, torch.Tensor]]:
+def merge_state_dicts(
+    method: Method,
+    base: Mapping[str, torch.Tensor],
+    models: Sequence[Mapping[str, torch.Tensor]],
+    hp: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+    data: Any = None,
+) -> list[dict[str, torch.Tensor]]:
     """Merge in-memory state dicts: ``hp`` overlays the method's defaults (checked).
 
     Returns one merged state dict (static) or one per model (dynamic); floating tensors in float32.

@@ -1,4 +1,5 @@
 """The engine's loop: every tensor of the base through a method, whole or block by block, to a sink."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,16 @@ def _float32(theta0: torch.Tensor, device: torch.device) -> torch.Tensor:
     return b.clone() if b.data_ptr() == theta0.data_ptr() else b
 
 
-def run(method: Method, base: CheckpointReader, sources: Sequence[TaskVectors], hp: Mapping[str, Any], sink: Sink,
-        device: torch.device = torch.device("cpu"), progress: Progress | None = None, data: Any = None) -> None:
+def run(
+    method: Method,
+    base: CheckpointReader,
+    sources: Sequence[TaskVectors],
+    hp: Mapping[str, Any],
+    sink: Sink,
+    device: torch.device = torch.device("cpu"),
+    progress: Progress | None = None,
+    data: Any = None,
+) -> None:
     """Merge every tensor of the base (``hp`` overlays the method's defaults).
 
     ``sink(name, start, blocks)`` receives the merged weights as flat blocks: elements
@@ -46,8 +55,10 @@ def run(method: Method, base: CheckpointReader, sources: Sequence[TaskVectors], 
     ctx = None
     if method.needs is not None:
         if data is None:
-            raise MergeflowError(f"method {method.name} needs {method.needs.replace('_', '-')} statistics of each task's "
-                                 f"exemplars: run it in the pipeline, or pass data= to the engine")
+            raise MergeflowError(
+                f"method {method.name} needs {method.needs.replace('_', '-')} statistics of each task's "
+                f"exemplars: run it in the pipeline, or pass data= to the engine"
+            )
         if len(data) != len(sources):
             raise MergeflowError(f"method {method.name}: statistics given for {len(data)} tasks, {len(sources)} models")
         ctx = kwargs["ctx"] = data
@@ -109,8 +120,14 @@ class TensorTaus:
     """One tensor's task vectors for ``tensor_stats``: ``taus(t)`` is task t's whole float32
     task vector (a fresh tensor); ``kth_abs`` and ``map`` as the method registry describes."""
 
-    def __init__(self, theta0: torch.Tensor, raws: Sequence[torch.Tensor], sources: Sequence[TaskVectors],
-                 device: torch.device, pool: ThreadPoolExecutor | None):
+    def __init__(
+        self,
+        theta0: torch.Tensor,
+        raws: Sequence[torch.Tensor],
+        sources: Sequence[TaskVectors],
+        device: torch.device,
+        pool: ThreadPoolExecutor | None,
+    ):
         self.theta0, self.raws, self.sources, self.device, self.pool = theta0, raws, sources, device, pool
         self.numel = theta0.numel()
         self._b: torch.Tensor | None = None
@@ -132,8 +149,9 @@ class TensorTaus:
         """Exact k-th largest |tau_t| (1 <= k <= numel), fused on the CPU where it can be."""
         raw = self.raws[t]
         if _fusable(self.device, self.theta0, [raw]):
-            return kernels.kth_abs_tau(kernels.as_array(self.theta0.reshape(-1)), kernels.as_array(raw.reshape(-1)),
-                                       not self.sources[t].is_vector, k)
+            return kernels.kth_abs_tau(
+                kernels.as_array(self.theta0.reshape(-1)), kernels.as_array(raw.reshape(-1)), not self.sources[t].is_vector, k
+            )
         return float(kth_largest(self(t).abs_(), k, checked=True))
 
     def map(self, fn: Callable[[int], Any], ts: Sequence[int] | range) -> list[Any]:
@@ -143,9 +161,13 @@ class TensorTaus:
 
 def _fusable(device: torch.device, theta0: torch.Tensor, raws: Sequence[torch.Tensor]) -> bool:
     """Whether the fused CPU kernels read these inputs directly."""
-    return (device.type == "cpu" and theta0.device.type == "cpu" and kernels.supported(theta0)
-            and all(r.device.type == "cpu" and kernels.supported(r) and r.dtype == raws[0].dtype for r in raws)
-            and kernels.available())
+    return (
+        device.type == "cpu"
+        and theta0.device.type == "cpu"
+        and kernels.supported(theta0)
+        and all(r.device.type == "cpu" and kernels.supported(r) and r.dtype == raws[0].dtype for r in raws)
+        and kernels.available()
+    )
 
 
 def _run_blocks(method, name, theta0, raws, sources, kwargs, ctx, hp, sink, device, block, n_out, pool=None) -> None:
@@ -165,8 +187,7 @@ def _run_blocks(method, name, theta0, raws, sources, kwargs, ctx, hp, sink, devi
         kw["stats"] = method.tensor_stats(name, TensorTaus(theta0, raws, sources, device, pool), len(sources), hp, ctx)
     n = flat0.numel()
     lock = threading.Lock()
-    fused = (fused and n_out == 1 and len({s.is_vector for s in sources}) == 1
-             and _fusable(device, theta0, raws))
+    fused = fused and n_out == 1 and len({s.is_vector for s in sources}) == 1 and _fusable(device, theta0, raws)
     subtract = not sources[0].is_vector
 
     def one(start: int) -> None:
@@ -198,8 +219,9 @@ def _block_pool(device: torch.device) -> ThreadPoolExecutor | None:
     workers = torch.get_num_threads()
     if device.type != "cpu" or workers < 2:
         return None
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeflow-block",
-                              initializer=torch.set_num_threads, initargs=(1,))
+    return ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="mergeflow-block", initializer=torch.set_num_threads, initargs=(1,)
+    )
 
 
 def _add_base(deltas: Sequence[torch.Tensor], b: torch.Tensor) -> list[torch.Tensor]:
@@ -210,5 +232,3 @@ def _add_base(deltas: Sequence[torch.Tensor], b: torch.Tensor) -> list[torch.Ten
         seen.add(d.data_ptr())
         out.append(d.add_(b) if own else d + b)
     return out
-
-

@@ -1,5 +1,6 @@
 """Reading the inputs tensor by tensor: the next tensor is read on a thread while one is merged,
 into reused buffers where the consumer allows it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,13 @@ class ReadBuffers:
                 self.free.pop()
 
 
-def _load(base: CheckpointReader, sources: Sequence[TaskVectors], name: str, buffers: ReadBuffers | None = None,
-          readers: ThreadPoolExecutor | None = None):
+def _load(
+    base: CheckpointReader,
+    sources: Sequence[TaskVectors],
+    name: str,
+    buffers: ReadBuffers | None = None,
+    readers: ThreadPoolExecutor | None = None,
+):
     """(theta0, raws or None for a non-floating tensor, the pooled buffers they occupy); with
     ``buffers`` the inputs are read into reused memory, on the ``readers`` threads if given."""
     if not is_floating(base, name) or buffers is None:
@@ -95,8 +101,9 @@ def _input_bytes(base: CheckpointReader, sources: Sequence[TaskVectors], name: s
     return math.prod(base.shape(name)) * (1 + len(sources)) * base.tensor_dtype(name).itemsize
 
 
-def _prefetched(base: CheckpointReader, sources: Sequence[TaskVectors], names: Sequence[str],
-                buffers: ReadBuffers | None = None) -> Iterator[tuple[str, Any]]:
+def _prefetched(
+    base: CheckpointReader, sources: Sequence[TaskVectors], names: Sequence[str], buffers: ReadBuffers | None = None
+) -> Iterator[tuple[str, Any]]:
     """(name, (theta0, raws)) in order; the next tensor is read on a thread while one is
     processed, unless its inputs are large (then two tensors' inputs would sit in memory).
 
@@ -106,8 +113,11 @@ def _prefetched(base: CheckpointReader, sources: Sequence[TaskVectors], names: S
         return
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeflow-prefetch"))
-        readers = None if buffers is None else \
-            stack.enter_context(ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="mergeflow-read"))
+        readers = (
+            None
+            if buffers is None
+            else stack.enter_context(ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="mergeflow-read"))
+        )
         load = functools.partial(_load, buffers=buffers, readers=readers)
         nxt: Future | None = pool.submit(load, base, sources, names[0])
         try:
@@ -130,5 +140,3 @@ def _prefetched(base: CheckpointReader, sources: Sequence[TaskVectors], names: S
                     buffers.give(nxt.result()[2])
                 except BaseException:
                     pass
-
-

@@ -1,4 +1,5 @@
 """Where the engine's inputs come from: task-vector sources, in-memory checkpoints, the device."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,7 +65,6 @@ def is_floating(ckpt: TensorLayout, name: str) -> bool:
     return ckpt.tensor_dtype(name).is_floating_point
 
 
-
 class MemoryCheckpoint:
     """A state dict behind the read side of the Checkpoint interface (for notebooks and tests)."""
 
@@ -91,5 +91,3 @@ class MemoryCheckpoint:
 
     def tensor_dtype(self, name: str) -> torch.dtype:
         return self.get(name).dtype
-
-

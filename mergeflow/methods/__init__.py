@@ -6,6 +6,7 @@ arguments (``Annotated[float, Hp(...)]``). The contract, hooks and capabilities 
 in docs/method-contract.md. Every module of this package is imported (so registered) on first
 import: a new method is one new file.
 """
+
 from __future__ import annotations
 
 import importlib

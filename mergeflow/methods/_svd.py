@@ -11,6 +11,7 @@ completion of the SVD, differ between devices and libraries, and must neither en
 orthogonalisation nor be given weight. Task vectors of real fine-tunes are numerically full
 rank, where this changes nothing.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ Per tensor and task, the smallest ``beta`` share of |tau_t| (noise) and the larg
 at either threshold fall on the dropped side of the top threshold and the kept side of the
 bottom one (both thresholds keep ties, as every selection here does).
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Sequence
@@ -27,12 +28,15 @@ def breadcrumb_mask(tau: torch.Tensor, beta: float, gamma: float) -> torch.Tenso
     "breadcrumbs",
     reference="Davari & Belilovsky, Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks, ECCV 2024",
 )
-def breadcrumbs(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-                beta: Annotated[float, Hp("share of smallest-magnitude entries dropped per tensor", low=0.0, high=1.0)] = 0.85,
-                gamma: Annotated[float, Hp("share of largest-magnitude entries (outliers) dropped per tensor",
-                                           low=0.0, high=1.0)] = 0.01,
-                scaling: Annotated[float, Hp("coefficient on the summed masked task vectors", low=0.0, high=10.0)] = 0.3,
-                ) -> torch.Tensor:
+def breadcrumbs(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    beta: Annotated[float, Hp("share of smallest-magnitude entries dropped per tensor", low=0.0, high=1.0)] = 0.85,
+    gamma: Annotated[float, Hp("share of largest-magnitude entries (outliers) dropped per tensor", low=0.0, high=1.0)] = 0.01,
+    scaling: Annotated[float, Hp("coefficient on the summed masked task vectors", low=0.0, high=10.0)] = 0.3,
+) -> torch.Tensor:
     """Mask both magnitude tails of each task vector, then Task Arithmetic."""
     total = torch.zeros_like(base)
     for tau in taus:

@@ -12,6 +12,7 @@ authors' released 7B merges; 8 tasks: 32). Give ``density`` (n = floor(density *
 ``n``, not both. ``scaling`` 1.0 (the authors tune lambda per task).
 Ties, the short tail block, quotas, the authors' code: docs/method-notes.md#cabs.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Sequence
@@ -80,11 +81,11 @@ def cabs_masks(taus: Sequence[torch.Tensor], n: int, m: int, order: Sequence[int
     n_tail = n * r // m
     claimed = torch.zeros(numel, dtype=torch.bool, device=taus[0].device)
     masks: list[torch.Tensor | None] = [None] * len(taus)
-    for t in (range(len(taus)) if order is None else order):
+    for t in range(len(taus)) if order is None else order:
         keys = _keys(taus[t], m).masked_fill_(claimed, -1)
         mask = torch.empty_like(claimed)
-        mask[:full * m] = _top_in_blocks(keys[:full * m].view(full, m), n).view(-1)
-        mask[full * m:] = _top_in_blocks(keys[full * m:].view(1, r), n_tail).view(-1)
+        mask[: full * m] = _top_in_blocks(keys[: full * m].view(full, m), n).view(-1)
+        mask[full * m :] = _top_in_blocks(keys[full * m :].view(1, r), n_tail).view(-1)
         claimed |= mask
         masks[t] = mask.view(shape)
     done = [mk for mk in masks if mk is not None]
@@ -113,14 +114,21 @@ def _validate(hp: dict, where: str) -> None:
     reference=REFERENCE,
     validate=_validate,
 )
-def cabs(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-         density: Annotated[float | None, Hp("share of each task vector kept, n/m (default min(0.25, 1/T))",
-                                             low=0.0, high=1.0)] = None,
-         n: Annotated[int | None, Hp("entries kept per block of m (default floor(density * m))", low=0)] = None,
-         m: Annotated[int, Hp("block size of the n:m balanced sparsification", low=1, high=1 << 16)] = DEFAULT_M,
-         order: Annotated[list[int] | None, Hp("task indices in pruning order (default 0, 1, ..., T-1)", low=0)] = None,
-         scaling: Annotated[float | list[float], Hp("lambda on the masked task vectors (a number, or a list with one per task)",
-                                                    low=0.0, high=10.0)] = 1.0) -> torch.Tensor:
+def cabs(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    density: Annotated[
+        float | None, Hp("share of each task vector kept, n/m (default min(0.25, 1/T))", low=0.0, high=1.0)
+    ] = None,
+    n: Annotated[int | None, Hp("entries kept per block of m (default floor(density * m))", low=0)] = None,
+    m: Annotated[int, Hp("block size of the n:m balanced sparsification", low=1, high=1 << 16)] = DEFAULT_M,
+    order: Annotated[list[int] | None, Hp("task indices in pruning order (default 0, 1, ..., T-1)", low=0)] = None,
+    scaling: Annotated[
+        float | list[float], Hp("lambda on the masked task vectors (a number, or a list with one per task)", low=0.0, high=10.0)
+    ] = 1.0,
+) -> torch.Tensor:
     """Disjoint n:m masks task after task (conflict-aware, balanced), then a weighted sum."""
     hp = {"density": density, "n": n, "m": m}
     lam = lambdas(scaling, len(taus))

@@ -11,6 +11,7 @@ per 2-D tensor, k = ceil(``rank_ratio`` * r), r = min(m, n); other tensors: thet
 Defaults: ``rank_ratio`` 0.08 (the paper's best), ``scaling`` (the paper's lambda) 1.0.
 Details (k's edge cases, the task-vector form, the defaults' sources): docs/method-notes.md#cart.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Sequence
@@ -25,10 +26,14 @@ from mergeflow.methods._svd import ceil_count, is_matrix, low_rank, rank_of, svd
     "cart",
     reference="Choi et al., Revisiting Weight Averaging for Model Merging, arXiv:2412.12153, 2024",
 )
-def cart(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-         rank_ratio: Annotated[float, Hp("share of the rank kept of each centred task vector", low=0.0, high=1.0)] = 0.08,
-         scaling: Annotated[float, Hp("lambda: coefficient on the summed low-rank centred task vectors",
-                                      low=0.0, high=10.0)] = 1.0) -> torch.Tensor:
+def cart(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    rank_ratio: Annotated[float, Hp("share of the rank kept of each centred task vector", low=0.0, high=1.0)] = 0.08,
+    scaling: Annotated[float, Hp("lambda: coefficient on the summed low-rank centred task vectors", low=0.0, high=10.0)] = 1.0,
+) -> torch.Tensor:
     """Weight average plus the low-rank parts of the task vectors centred on it."""
     stacked = torch.stack(list(taus))
     avg = stacked.mean(0)

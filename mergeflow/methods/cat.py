@@ -13,6 +13,7 @@ Merged: theta_0 + ``scaling`` * sum_t trimmed tau_t.
 Defaults c = 4, ``tradeoff`` 0.25 (the best of a small grid on the built-in zoo), ``scaling``
 0.3. Slow on a CPU for big models. Formulas, the grid, the cost: docs/method-notes.md#cat.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Sequence
@@ -72,8 +73,10 @@ def trim(name: str, taus: Sequence[torch.Tensor], stats: Sequence, c: int, lam: 
     out = [t.clone() for t in taus]
     if kind == "linear":
         if taus[0].dim() != 2 or stats[0].value.shape[0] != taus[0].shape[1]:
-            raise MergeflowError(f"cat: tensor {name}: input statistics of size {list(stats[0].value.shape)} "
-                                 f"do not fit its shape {list(taus[0].shape)}")
+            raise MergeflowError(
+                f"cat: tensor {name}: input statistics of size {list(stats[0].value.shape)} "
+                f"do not fit its shape {list(taus[0].shape)}"
+            )
         grams = [st.value.to(taus[0].device, torch.float32) for st in stats]
         bases = [removal_basis(taus, grams, k, c, lam) for k in range(T)]
         for i in range(T):
@@ -98,15 +101,19 @@ def trim(name: str, taus: Sequence[torch.Tensor], stats: Sequence, c: int, lam: 
     reference=REFERENCE,
     data="layer_inputs",
 )
-def cat(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-        c: Annotated[int, Hp("basis vectors (linear) or dimensions (norm, bias) removed per task and layer",
-                             low=0, high=4096)] = 4,
-        tradeoff: Annotated[float, Hp("the paper's lambda: weight of the harm to a vector's own task", low=0.0, high=100.0,
-                                      aliases=("lambda",))] = 0.25,
-        scaling: Annotated[float, Hp("Task Arithmetic coefficient on the trimmed task vectors", low=0.0, high=10.0)] = 0.3,
-        exemplars: Annotated[int, Hp("train rows per task whose layer inputs measure the conflicts",
-                                     low=1, high=100000)] = 32,
-        ctx: list | None = None) -> torch.Tensor:
+def cat(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    c: Annotated[int, Hp("basis vectors (linear) or dimensions (norm, bias) removed per task and layer", low=0, high=4096)] = 4,
+    tradeoff: Annotated[
+        float, Hp("the paper's lambda: weight of the harm to a vector's own task", low=0.0, high=100.0, aliases=("lambda",))
+    ] = 0.25,
+    scaling: Annotated[float, Hp("Task Arithmetic coefficient on the trimmed task vectors", low=0.0, high=10.0)] = 0.3,
+    exemplars: Annotated[int, Hp("train rows per task whose layer inputs measure the conflicts", low=1, high=100000)] = 32,
+    ctx: list | None = None,
+) -> torch.Tensor:
     """Project the conflict-prone components out of each task vector (exemplar layer inputs), then TA."""
     stats = [task_stats.get(name) for task_stats in (ctx or [])]
     trimmed = trim(name, taus, stats, c, tradeoff)

@@ -6,6 +6,7 @@ stands in for TIES' trim unless ``density`` < 1 asks for both (mergekit's ``dare
 the default ``density: 1.0``). Randomness is seeded per (``seed``, tensor name, task index)
 and drawn on the CPU, so a merge is the same on any device, in any tensor order.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,9 @@ Seed = Annotated[int, Hp("random seed of the drop masks (a merge is reproducible
 Drop = Annotated[float, Hp("probability of dropping each task-vector entry", low=0.0, high=0.999)]
 Merge = Annotated[Literal["task_arithmetic", "ties"], Hp("what merges the rescaled vectors", aliases=("base",))]
 Scaling = Annotated[float, Hp("coefficient on the merged task vector (Task Arithmetic 0.3, TIES about 1)", low=0.0, high=10.0)]
-Density = Annotated[float, Hp("with merge ties: TIES trim after the drop (1.0: none, as mergekit's dare_ties)",
-                              low=0.0, high=1.0)]
+Density = Annotated[
+    float, Hp("with merge ties: TIES trim after the drop (1.0: none, as mergekit's dare_ties)", low=0.0, high=1.0)
+]
 
 
 def generator(seed: int, name: str, index: int) -> torch.Generator:
@@ -41,8 +43,17 @@ def drop_and_rescale(tau: torch.Tensor, drop: float, gen: torch.Generator) -> to
     "dare",
     reference="Yu et al., Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch, ICML 2024",
 )
-def dare(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, drop: Drop = 0.9,
-         merge: Merge = "task_arithmetic", scaling: Scaling = 0.3, density: Density = 1.0, seed: Seed = 0) -> torch.Tensor:
+def dare(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    drop: Drop = 0.9,
+    merge: Merge = "task_arithmetic",
+    scaling: Scaling = 0.3,
+    density: Density = 1.0,
+    seed: Seed = 0,
+) -> torch.Tensor:
     """Drop each entry with probability drop, rescale the rest, then Task Arithmetic or TIES."""
     rescaled = [drop_and_rescale(t, drop, generator(seed, name, i)) for i, t in enumerate(taus)]
     if merge == "ties":

@@ -7,6 +7,7 @@ mean|tau_t| divided by sum over tensors of mean|M_t * tau_uni|) or by the paper'
 (``rescale: global``: the same with sums over all entries). Task model theta_0 + lambda_t *
 M_t * tau_uni. Stored: tau_uni, one bit per entry and task, one float per task.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal, Sequence
@@ -55,10 +56,16 @@ def _storage(n: int, n_tasks: int, itemsize: int) -> int:
     prepare=prepare_emr,
     storage=_storage,
 )
-def emr(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-        rescale: Annotated[Literal["mean", "global"], Hp("rescaler as the authors' code (mean per tensor) or the paper's "
-                                                         "equation (global)")] = "mean",
-        ctx: dict | None = None) -> list[torch.Tensor]:
+def emr(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    rescale: Annotated[
+        Literal["mean", "global"], Hp("rescaler as the authors' code (mean per tensor) or the paper's equation (global)")
+    ] = "mean",
+    ctx: dict | None = None,
+) -> list[torch.Tensor]:
     """Unified task vector with per-task masks and rescalers (task identity known)."""
     assert ctx is not None  # prepare_emr always runs first
     uni, masks = unify(taus)

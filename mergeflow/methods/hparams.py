@@ -6,6 +6,7 @@ is a hyper-parameter: its name, type, default, range and help come from that one
 choices), ``dict``, ``list[float]``/``list[int]``, or a union of those with ``None``.
 ``Hp(aliases=(..))`` keeps an old spelling accepted (``lambda``, ``base``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -116,8 +117,7 @@ def params_of(fn: Callable[..., Any]) -> dict[str, Param]:
         if hp is None or prm.default is inspect.Parameter.empty:
             raise TypeError(f"{fn.__qualname__}: hyper-parameter {pname} needs an Hp(...) annotation and a default")
         kinds, item, choices = _kinds(tp)
-        out[pname] = Param(prm.default, hp.help, hp.low, hp.high, choices, kinds, item, hp.high_open, hp.aliases,
-                           _type_name(tp))
+        out[pname] = Param(prm.default, hp.help, hp.low, hp.high, choices, kinds, item, hp.high_open, hp.aliases, _type_name(tp))
     return out
 
 

@@ -13,6 +13,7 @@ Per 2-D tensor (``_svd.is_matrix``), r = min(m, n), Delta = sum_t tau_t = U diag
 zero (see ``_svd``) get weight 0.
 The rank split, the defaults' sources, the authors' code: docs/method-notes.md#iso.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Sequence
@@ -22,8 +23,10 @@ import torch
 from mergeflow.methods import Hp, register
 from mergeflow.methods._svd import is_matrix, mean, orthogonalise, rank_of, significant, svd
 
-REFERENCE = ("Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
-             "ICML 2025 (arXiv:2502.04959)")
+REFERENCE = (
+    "Marczak et al., No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces, "
+    "ICML 2025 (arXiv:2502.04959)"
+)
 Scaling = Annotated[float, Hp("alpha: coefficient on the merged task vector", low=0.0, high=10.0)]
 
 
@@ -90,10 +93,14 @@ def iso_c(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, scalin
     "iso_cts",
     reference=REFERENCE,
 )
-def iso_cts(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-            common_fraction: Annotated[float, Hp("share of the rank given to the common subspace of the sum",
-                                                 low=0.0, high=1.0)] = 0.8,
-            scaling: Scaling = 1.0) -> torch.Tensor:
+def iso_cts(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    common_fraction: Annotated[float, Hp("share of the rank given to the common subspace of the sum", low=0.0, high=1.0)] = 0.8,
+    scaling: Scaling = 1.0,
+) -> torch.Tensor:
     """Isotropic merge in the common and task-specific subspaces, flat singular spectrum."""
     if is_matrix(name, taus[0]):
         return iso_cts_matrix(taus, common_fraction).mul_(scaling)

@@ -4,6 +4,7 @@ The stages build these; a method's hook reads what it needs and writes into ``ds
 stage names a method. ``MergeJob.merge`` runs the engine into ``dst`` (what a method without a
 ``write`` hook gets); ``EvalJob.score`` scores one state dict on one task.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -13,6 +13,7 @@ validated by that method before any work starts. ``alpha`` defaults to the paper
 TIES and Consensus); ``beta`` 0.5, the middle of the authors' Task Arithmetic grid, not a
 reported optimum: tune it. Details: docs/method-notes.md#lines.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Sequence
@@ -24,7 +25,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.layers import layer_depths
 from mergeflow.methods import Hp, register
 
-REFERENCE = ("Wang et al., LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging, ICLR 2025")
+REFERENCE = "Wang et al., LiNeS: Post-training Layer Scaling Prevents Forgetting and Enhances Model Merging, ICLR 2025"
 
 
 def factor(l: int, L: int, alpha: float, beta: float) -> float:
@@ -35,8 +36,10 @@ def factor(l: int, L: int, alpha: float, beta: float) -> float:
 def _validate(hp: dict, where: str) -> None:
     opts = dict(hp["options"] or {})
     if "scaling" in opts:
-        raise MergeflowError(f"{where}options.scaling: lines replaces the base method's scaling by "
-                             f"alpha + beta*l/(L-1); set alpha and beta instead")
+        raise MergeflowError(
+            f"{where}options.scaling: lines replaces the base method's scaling by "
+            f"alpha + beta*l/(L-1); set alpha and beta instead"
+        )
     checked = methods.get(hp["merge"]).hyper(opts, where=f"{where}options.")
     checked.pop("scaling", None)  # the base runs with scaling 1 (see the module doc)
     hp["options"] = checked
@@ -88,16 +91,29 @@ def prepare_lines(stream, hp) -> dict[str, Any]:
     prepare=prepare_lines,
     validate=_validate,
 )
-def lines(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-          merge: Annotated[Literal["task_arithmetic", "ties", "consensus"],
-                           Hp("the merge whose task vector is scaled per layer", aliases=("base",))] = "task_arithmetic",
-          options: Annotated[dict, Hp("hyper-parameters of the merge (its scaling excepted)")] = {},  # copied per call by hyper()
-          alpha: Annotated[float | None, Hp("factor of the first block and of the names outside the block stack "
-                                            "(default: the paper's rule, (1/T) ||sum tau||_1 / ||tau_MTL||_1)",
-                                            low=0.0, high=10.0)] = None,
-          beta: Annotated[float, Hp("added factor of the last block (lambda(l) = alpha + beta l/(L-1)); tune on validation",
-                                    low=0.0, high=10.0)] = 0.5,
-          ctx: dict | None = None) -> torch.Tensor:
+def lines(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    merge: Annotated[
+        Literal["task_arithmetic", "ties", "consensus"], Hp("the merge whose task vector is scaled per layer", aliases=("base",))
+    ] = "task_arithmetic",
+    options: Annotated[dict, Hp("hyper-parameters of the merge (its scaling excepted)")] = {},  # copied per call by hyper()
+    alpha: Annotated[
+        float | None,
+        Hp(
+            "factor of the first block and of the names outside the block stack "
+            "(default: the paper's rule, (1/T) ||sum tau||_1 / ||tau_MTL||_1)",
+            low=0.0,
+            high=10.0,
+        ),
+    ] = None,
+    beta: Annotated[
+        float, Hp("added factor of the last block (lambda(l) = alpha + beta l/(L-1)); tune on validation", low=0.0, high=10.0)
+    ] = 0.5,
+    ctx: dict | None = None,
+) -> torch.Tensor:
     """The merge's task vector scaled by alpha + beta * l/(L-1) at block l of L."""
     assert ctx is not None  # prepare_lines always runs first
     inner, inner_hp = _inner({"merge": merge, "options": options})

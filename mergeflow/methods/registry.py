@@ -5,6 +5,7 @@ records the method; its hyper-parameters come from the signature (``hparams.para
 capabilities (``kind``, ``data``, ``transductive``, ``trains``) and hooks from the decorator.
 Stages, params, tracking and the CLI read these fields and never a method's name.
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,8 +67,9 @@ class Method:
     def is_blockwise(self, hp: dict) -> bool:
         return bool(self.blockwise(hp) if callable(self.blockwise) else self.blockwise)
 
-    def storage_bytes(self, n: int, n_tasks: int, itemsize: int = 4, hp: dict | None = None,
-                      shapes: dict[str, tuple[int, ...]] | None = None) -> int:
+    def storage_bytes(
+        self, n: int, n_tasks: int, itemsize: int = 4, hp: dict | None = None, shapes: dict[str, tuple[int, ...]] | None = None
+    ) -> int:
         """Bytes the compact form keeps; a ``storage`` function that takes ``hp`` and/or ``shapes``
         (the floating tensors' shapes) as keywords gets them (quantisation bits, low ranks)."""
         if self.storage is not None:
@@ -101,8 +103,9 @@ class Method:
             self.validate(out, where)
         return out
 
-    def __call__(self, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], /, ctx: Any = None,
-                 stats: Any = None, **hp: Any):
+    def __call__(
+        self, name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], /, ctx: Any = None, stats: Any = None, **hp: Any
+    ):
         """One tensor: the merged task vector (static) or one per task; ``ctx``/``stats`` as the engine gives."""
         extra = {k: v for k, v in (("ctx", ctx), ("stats", stats)) if k in self.wants}
         return self.fn(name, base, taus, **hp, **extra)
@@ -122,8 +125,17 @@ def _check_signature(name: str, fn: Callable[..., Any]) -> frozenset[str]:
     return frozenset(p.name for p in sig if p.name in RESERVED)
 
 
-def register(name: str, *, kind: Kind = "static", reference: str = "", summary: str = "", data: Data = "none",
-             transductive: bool = False, trains: bool = False, **hooks: Any) -> Callable:
+def register(
+    name: str,
+    *,
+    kind: Kind = "static",
+    reference: str = "",
+    summary: str = "",
+    data: Data = "none",
+    transductive: bool = False,
+    trains: bool = False,
+    **hooks: Any,
+) -> Callable:
     """Decorator adding a per-tensor merge function to the registry under ``name``; ``hooks`` are
     the optional ``Method`` fields (prepare, storage, blockwise, ..., write, evaluate, compact)."""
     if kind not in KINDS or data not in DATA:
@@ -141,8 +153,9 @@ def register(name: str, *, kind: Kind = "static", reference: str = "", summary: 
         if hooks.get("tensor_stats") and "stats" not in wants:
             raise TypeError(f"method {name}: a method with tensor_stats takes stats")
         summary_ = summary or (fn.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[name] = Method(name, fn, kind, params_of(fn), reference, summary_, data, transductive, trains,
-                                 wants=wants, **hooks)
+        _REGISTRY[name] = Method(
+            name, fn, kind, params_of(fn), reference, summary_, data, transductive, trains, wants=wants, **hooks
+        )
         return fn
 
     return wrap

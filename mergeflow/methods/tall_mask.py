@@ -10,6 +10,7 @@ m_t = [|tau_t| >= lambda_t * |tau_MTL - tau_t|] (the paper's form, comparing |ta
 ``threshold`` (the paper's lambda; ``lambda`` is accepted) is one value for every task or a list with one per task (the pipeline can pick
 each from {0.2, ..., 0.6} on validation data).
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal, Sequence
@@ -22,8 +23,10 @@ from mergeflow.methods.ties import Density, disjoint_mean, trim
 
 REFERENCE = "Wang et al., Localizing Task Information for Improved Model Merging and Compression, ICML 2024"
 Merge = Annotated[Literal["task_arithmetic", "ties"], Hp("the merge giving tau_MTL", aliases=("base",))]
-Threshold = Annotated[float | list[float], Hp("TALL mask threshold lambda (a number, or a list with one per task)",
-                                              low=0.0, high=100.0, aliases=("lambda",))]
+Threshold = Annotated[
+    float | list[float],
+    Hp("TALL mask threshold lambda (a number, or a list with one per task)", low=0.0, high=100.0, aliases=("lambda",)),
+]
 
 
 def multitask_vector(taus: Sequence[torch.Tensor], merge: str, density: float) -> torch.Tensor:
@@ -54,10 +57,16 @@ def _storage(n: int, n_tasks: int, itemsize: int) -> int:
     reference=REFERENCE,
     storage=_storage,
 )
-def tall_mask(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, threshold: Threshold = 0.4,
-              merge: Merge = "task_arithmetic", density: Density = 0.2,
-              scaling: Annotated[float, Hp("coefficient on the masked multi-task vector", low=0.0, high=10.0)] = 1.0,
-              ) -> list[torch.Tensor]:
+def tall_mask(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    threshold: Threshold = 0.4,
+    merge: Merge = "task_arithmetic",
+    density: Density = 0.2,
+    scaling: Annotated[float, Hp("coefficient on the masked multi-task vector", low=0.0, high=10.0)] = 1.0,
+) -> list[torch.Tensor]:
     """Per-task masks over the merged task vector (task identity known)."""
     mtl = multitask_vector(taus, merge, density)
     return [m * mtl * scaling for m in tall_masks(taus, mtl, lambdas(threshold, len(taus)))]
@@ -67,11 +76,19 @@ def tall_mask(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, th
     "consensus",
     reference=REFERENCE,
 )
-def consensus(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-              k: Annotated[int, Hp("least number of tasks whose TALL mask must hold a weight", low=0)] = 2,
-              threshold: Threshold = 0.4, merge: Merge = "task_arithmetic", density: Density = 0.2,
-              scaling: Annotated[float | None, Hp("coefficient (default: 0.3 with task_arithmetic, 1.0 with ties)",
-                                                  low=0.0, high=10.0)] = None) -> torch.Tensor:
+def consensus(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    k: Annotated[int, Hp("least number of tasks whose TALL mask must hold a weight", low=0)] = 2,
+    threshold: Threshold = 0.4,
+    merge: Merge = "task_arithmetic",
+    density: Density = 0.2,
+    scaling: Annotated[
+        float | None, Hp("coefficient (default: 0.3 with task_arithmetic, 1.0 with ties)", low=0.0, high=10.0)
+    ] = None,
+) -> torch.Tensor:
     """Drop weights that fewer than k tasks use (selfish and catastrophic weights), then TA or TIES."""
     mtl = multitask_vector(taus, merge, density)
     votes = torch.zeros_like(mtl)

@@ -7,6 +7,7 @@
 Result theta_0 + ``scaling`` * that. The helpers here are shared by DARE, TALL masks and
 Consensus merging.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Literal, Sequence
@@ -98,7 +99,16 @@ def ties_vector(taus: Sequence[torch.Tensor], density: float, ctx: dict | None =
     tensor_stats=trim_thresholds,
     kernel=_kernel,
 )
-def ties(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, density: Density = 0.2, scaling: Scaling = 1.0,
-         scope: Scope = "tensor", ctx: dict | None = None, stats: dict | None = None) -> torch.Tensor:
+def ties(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    density: Density = 0.2,
+    scaling: Scaling = 1.0,
+    scope: Scope = "tensor",
+    ctx: dict | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
     """Trim each task vector, elect signs, average the agreeing entries."""
     return ties_vector(taus, density, ctx, stats).mul_(scaling)

@@ -13,6 +13,7 @@ Triplets below the numerical rank (see ``_svd``) are dropped before the orthogon
 Reported (ViT-B/32, 8 tasks): TSV-M 85.9; TSV-C keeps ~99% of the fine-tuned accuracy.
 Details (kT > r, storage, the authors' code): docs/method-notes.md#tsv.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,7 @@ import torch
 from mergeflow.methods import Hp, register
 from mergeflow.methods._svd import is_matrix, keep_count, low_rank, mean, orthogonalise, rank_of, significant, stacked_svd
 
-REFERENCE = ("Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025 "
-             "(arXiv:2412.00081)")
+REFERENCE = "Gargiulo et al., Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025 (arXiv:2412.00081)"
 Fraction = Annotated[float | None, Hp("share of each task vector's rank kept (default 1/T)", low=0.0, high=1.0)]
 
 
@@ -54,16 +54,23 @@ def tsv_merge_matrix(taus: Sequence[torch.Tensor], fraction: float | None) -> to
     "tsv_m",
     reference=REFERENCE,
 )
-def tsv_m(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, fraction: Fraction = None,
-          scaling: Annotated[float, Hp("coefficient on the merged task vector", low=0.0, high=10.0)] = 1.0) -> torch.Tensor:
+def tsv_m(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    fraction: Fraction = None,
+    scaling: Annotated[float, Hp("coefficient on the merged task vector", low=0.0, high=10.0)] = 1.0,
+) -> torch.Tensor:
     """Task Singular Vectors merge: each task's top singular triplets, decorrelated by orthogonal Procrustes."""
     if is_matrix(name, taus[0]):
         return tsv_merge_matrix(taus, fraction).mul_(scaling)
     return mean(taus).mul_(scaling)
 
 
-def tsv_c_storage_bytes(shapes: Mapping[str, Sequence[int]], n_tasks: int, fraction: float | None = None,
-                        itemsize: int = 4) -> int:
+def tsv_c_storage_bytes(
+    shapes: Mapping[str, Sequence[int]], n_tasks: int, fraction: float | None = None, itemsize: int = 4
+) -> int:
     """Exact bytes TSV-C stores besides the base for floating tensors of ``shapes``: per task,
     U_k (m x k), S_k (k) and V_k (k x n) of every 2-D tensor, every other tensor whole
     (``itemsize`` bytes a number, float32 by default)."""
@@ -78,8 +85,9 @@ def tsv_c_storage_bytes(shapes: Mapping[str, Sequence[int]], n_tasks: int, fract
     return total * n_tasks * itemsize
 
 
-def _storage(n: int, n_tasks: int, itemsize: int, hp: dict | None = None,
-             shapes: Mapping[str, Sequence[int]] | None = None) -> int:
+def _storage(
+    n: int, n_tasks: int, itemsize: int, hp: dict | None = None, shapes: Mapping[str, Sequence[int]] | None = None
+) -> int:
     """Exact (``tsv_c_storage_bytes``) when the floating tensors' shapes are given (the pipeline
     passes them); from the parameter count alone an estimate for the default fraction 1/T: a
     square r x r matrix keeps (r/T)(2r + 1) numbers per task, so T tasks together cost about 2n

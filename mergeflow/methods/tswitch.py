@@ -7,6 +7,7 @@ unpruned, all its entries kept), a polarity switch B = sign of the kept
 entries, and one norm-preserving scale s = ||tau_kept||_2 / ||B||_2. The task model is
 theta_0 + s * B. 0-dim tensors stay dense; all-zero task-vector tensors are skipped.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -23,8 +24,9 @@ from mergeflow.select import kth_largest
 # would keep everything; it is refused instead.
 NAME = "tswitch"
 REFERENCE = "Qi et al., Less is More: Efficient Model Merging with Binary Task Switch, CVPR 2025"
-Drop = Annotated[float, Hp("share of each sign's non-zero entries dropped (0.6 ViT, 0.7 RoBERTa, 0.4 LoRA)",
-                           low=0.0, high=1.0, high_open=True)]
+Drop = Annotated[
+    float, Hp("share of each sign's non-zero entries dropped (0.6 ViT, 0.7 RoBERTa, 0.4 LoRA)", low=0.0, high=1.0, high_open=True)
+]
 
 
 def ternarize(tau: torch.Tensor, drop: float) -> tuple[torch.Tensor, float]:
@@ -43,12 +45,17 @@ def ternarize(tau: torch.Tensor, drop: float) -> tuple[torch.Tensor, float]:
         ternary[positive & (values >= threshold)] = sign
     kept = ternary != 0
     n_kept = int(kept.sum())
-    scale = float(tau[kept].double().norm() / (n_kept ** 0.5)) if n_kept else 0.0
+    scale = float(tau[kept].double().norm() / (n_kept**0.5)) if n_kept else 0.0
     # float32 like the stored scale, so every consumer sees the same number
     return ternary, float(torch.tensor(scale, dtype=torch.float32))
 
 
-def compress(taus: Iterable[tuple[str, torch.Tensor]], drop: float, keep_dense: Iterable[str] = (), metadata: Mapping[str, str] | None = None) -> Switch:
+def compress(
+    taus: Iterable[tuple[str, torch.Tensor]],
+    drop: float,
+    keep_dense: Iterable[str] = (),
+    metadata: Mapping[str, str] | None = None,
+) -> Switch:
     """Build the switch of one task from its task-vector tensors."""
     keep_dense = set(keep_dense)
     tensors, dense, skipped = {}, {}, []
@@ -116,8 +123,16 @@ def _switches(taus: Sequence[torch.Tensor], drop: float) -> list[torch.Tensor]:
     return out
 
 
-@register(NAME, kind="dynamic", reference=REFERENCE, set_by={"drop": "compress.drop"}, write=write_switches,
-          models=switch_models, compact=write_compact, codec=compress)
+@register(
+    NAME,
+    kind="dynamic",
+    reference=REFERENCE,
+    set_by={"drop": "compress.drop"},
+    write=write_switches,
+    models=switch_models,
+    compact=write_compact,
+    codec=compress,
+)
 def tswitch(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, drop: Drop = 0.6) -> list[torch.Tensor]:
     """Per-task binary switch theta_0 + s_t * B_t (task identity known)."""
     return _switches(taus, drop)
@@ -129,17 +144,30 @@ def evaluate_routed(job: EvalJob) -> dict[str, dict[str, Any]]:
 
     modes = evaluate_autoswitch(job.folder, job.tasks, job.meta, job.family, job.base, job.data, job.seed)
     name = job.meta["method"]
-    return {f"{name}_{mode}": {"scores": scores, "extra": {"routing_acc": routing, "method": name, "mode": mode, "dynamic": True}}
-            for mode, (scores, routing) in modes.items()}
+    return {
+        f"{name}_{mode}": {"scores": scores, "extra": {"routing_acc": routing, "method": name, "mode": mode, "dynamic": True}}
+        for mode, (scores, routing) in modes.items()
+    }
 
 
-@register("autoswitch", kind="routed", reference=f"{REFERENCE} (Auto-Switch)",
-          set_by={"drop": "compress.drop", "queries": "compress.queries"}, write=write_switches, evaluate=evaluate_routed)
-def autoswitch(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *, drop: Drop = 0.6,
-               k: Annotated[int, Hp("nearest queries that vote for the tasks' switches (10 ViT, 5 RoBERTa)", low=1)] = 10,
-               batch_size: Annotated[int, Hp("inputs per shuffled mixed-task batch at evaluation", low=1)] = 128,
-               queries: Annotated[int, Hp("query samples per task (train split, base-model embeddings)", low=1)] = 100,
-               ) -> list[torch.Tensor]:
+@register(
+    "autoswitch",
+    kind="routed",
+    reference=f"{REFERENCE} (Auto-Switch)",
+    set_by={"drop": "compress.drop", "queries": "compress.queries"},
+    write=write_switches,
+    evaluate=evaluate_routed,
+)
+def autoswitch(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    drop: Drop = 0.6,
+    k: Annotated[int, Hp("nearest queries that vote for the tasks' switches (10 ViT, 5 RoBERTa)", low=1)] = 10,
+    batch_size: Annotated[int, Hp("inputs per shuffled mixed-task batch at evaluation", low=1)] = 128,
+    queries: Annotated[int, Hp("query samples per task (train split, base-model embeddings)", low=1)] = 100,
+) -> list[torch.Tensor]:
     """T-Switch's switches, routed per input by k-nearest-neighbour retrieval (task identity unknown).
     Per tensor the switches are T-Switch's; routing needs the query set, which the pipeline
     builds (compress stage) and ``mergeflow.runtime`` serves."""
@@ -158,6 +186,8 @@ def apply_switch(base, switch: Switch, source: str = "switch") -> dict[str, torc
     out = {}
     for name, theta in base_items:
         if name in switch.tensors and tuple(switch.tensors[name].ternary.shape) != tuple(theta.shape):
-            raise MergeflowError(f"{source}: tensor {name} has shape {list(switch.tensors[name].ternary.shape)}, base has {list(theta.shape)}")
+            raise MergeflowError(
+                f"{source}: tensor {name} has shape {list(switch.tensors[name].ternary.shape)}, base has {list(theta.shape)}"
+            )
         out[name] = (theta.float() + delta(switch, name, theta)).to(theta.dtype) if theta.is_floating_point() else theta
     return out

@@ -14,6 +14,7 @@ the codes kept as files (``write_quantised``, the same merged model bit for bit)
 ``storage_bytes(hp, n, n_tasks)`` and ``exact_storage`` (with the per-tensor min/max).
 Details (storage formulas, the wrapped ``prepare``): docs/method-notes.md#tvq.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Sequence
@@ -45,14 +46,15 @@ def inner_method(name: str, where: str = "") -> Method:
         raise MergeflowError(f"{where}merge: {e}") from None
     if method.write is not None or method.codec is not None:
         own = ", ".join(n for n in methods.names() if methods.get(n).write or methods.get(n).codec)
-        raise MergeflowError(f"{where}merge: {name} cannot run on quantised task vectors "
-                             f"({own} compress task vectors themselves)")
+        raise MergeflowError(
+            f"{where}merge: {name} cannot run on quantised task vectors ({own} compress task vectors themselves)"
+        )
     if method.dynamic:
-        raise MergeflowError(f"{where}merge: {name} is a dynamic method (a model per task); "
-                             f"tvq and rtvq wrap static merges only")
+        raise MergeflowError(f"{where}merge: {name} is a dynamic method (a model per task); tvq and rtvq wrap static merges only")
     if method.needs is not None:
-        raise MergeflowError(f"{where}merge: {name} needs {method.needs.replace('_', '-')} data, "
-                             f"which tvq and rtvq do not pass on")
+        raise MergeflowError(
+            f"{where}merge: {name} needs {method.needs.replace('_', '-')} data, which tvq and rtvq do not pass on"
+        )
     return method
 
 
@@ -130,10 +132,16 @@ def exact_storage(hp: dict, n: int, n_tasks: int, shapes: dict | None) -> int:
     validate=_validate,
     write=lambda method, job: write_quantised(method, job),
 )
-def tvq(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-        bits: Annotated[int, _bits("bits per task-vector entry")] = TVQ_BITS,
-        merge: Merge = "task_arithmetic", options: Options = {},  # copied per call by hyper()
-        ctx: Any = None) -> torch.Tensor:
+def tvq(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    bits: Annotated[int, _bits("bits per task-vector entry")] = TVQ_BITS,
+    merge: Merge = "task_arithmetic",
+    options: Options = {},  # copied per call by hyper()
+    ctx: Any = None,
+) -> torch.Tensor:
     """Any static merge on task vectors quantised per tensor to `bits` bits (TVQ)."""
     hp = {"bits": bits, "merge": merge, "options": options}
     return _run(name, base, _tvq_taus(taus, hp), hp, ctx)
@@ -144,15 +152,22 @@ def tvq(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
     reference=REFERENCE,
     prepare=_wrapped_prepare(_rtvq_taus),
     storage=lambda n, n_tasks, itemsize, hp=None, shapes=None: exact_storage(
-        hp or {"base_bits": RTVQ_BASE_BITS, "offset_bits": RTVQ_OFFSET_BITS}, n, n_tasks, shapes),
+        hp or {"base_bits": RTVQ_BASE_BITS, "offset_bits": RTVQ_OFFSET_BITS}, n, n_tasks, shapes
+    ),
     validate=_validate,
     write=lambda method, job: write_quantised(method, job),
 )
-def rtvq(name: str, base: torch.Tensor, taus: Sequence[torch.Tensor], *,
-         base_bits: Annotated[int, _bits("bits of the shared base vector (mean of the task vectors)")] = RTVQ_BASE_BITS,
-         offset_bits: Annotated[int, _bits("bits of each task's offset from the dequantised base")] = RTVQ_OFFSET_BITS,
-         merge: Merge = "task_arithmetic", options: Options = {},  # copied per call by hyper()
-         ctx: Any = None) -> torch.Tensor:
+def rtvq(
+    name: str,
+    base: torch.Tensor,
+    taus: Sequence[torch.Tensor],
+    *,
+    base_bits: Annotated[int, _bits("bits of the shared base vector (mean of the task vectors)")] = RTVQ_BASE_BITS,
+    offset_bits: Annotated[int, _bits("bits of each task's offset from the dequantised base")] = RTVQ_OFFSET_BITS,
+    merge: Merge = "task_arithmetic",
+    options: Options = {},  # copied per call by hyper()
+    ctx: Any = None,
+) -> torch.Tensor:
     """Any static merge on residually quantised task vectors: base^ + offset_t^ (RTVQ)."""
     hp = {"base_bits": base_bits, "offset_bits": offset_bits, "merge": merge, "options": options}
     return _run(name, base, _rtvq_taus(taus, hp), hp, ctx)
@@ -179,8 +194,9 @@ def write_quantised(method: Method, job: MergeJob) -> tuple[int, dict]:
             stats = save_tvq_from(vectors, hp["bits"], codes, tasks)
             views = [QuantReader(codes / f"{t}.tvq").task() for t in tasks]
         else:
-            stats = [save_rtvq_from(vectors, hp["base_bits"], hp["offset_bits"], codes / "tasks.rtvq",
-                                    {"tasks": ",".join(tasks)})]
+            stats = [
+                save_rtvq_from(vectors, hp["base_bits"], hp["offset_bits"], codes / "tasks.rtvq", {"tasks": ",".join(tasks)})
+            ]
             reader = QuantReader(codes / "tasks.rtvq")
             views = [reader.task(i) for i in range(len(tasks))]
         wrapped, options = inner(hp)
@@ -189,5 +205,9 @@ def write_quantised(method: Method, job: MergeJob) -> tuple[int, dict]:
     finally:
         shutil.rmtree(codes, ignore_errors=True)
     storage = sum(st.payload_bytes for st in stats)
-    return storage, {"store": "checkpoint", "codes": sorted(f.name for f in (dst / "codes").iterdir()),
-                     "codes_file_bytes": sum(st.file_bytes for st in stats), **hp}
+    return storage, {
+        "store": "checkpoint",
+        "codes": sorted(f.name for f in (dst / "codes").iterdir()),
+        "codes_file_bytes": sum(st.file_bytes for st in stats),
+        **hp,
+    }

@@ -8,6 +8,7 @@
 
 The interface is :class:`mergeflow.models.family.Family`; modules are imported on first use.
 """
+
 from __future__ import annotations
 
 import importlib

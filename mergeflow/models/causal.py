@@ -11,6 +11,7 @@ The jobs live beside this module: :mod:`~mergeflow.models.causal_build` (archite
 blocks), :mod:`~mergeflow.models.causal_download` (the download stage). Their names are
 re-exported here. transformers, peft and datasets are imported lazily.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,13 +25,40 @@ from mergeflow.models import causal_download
 from mergeflow.models.causal_build import build_causal, decoder_of, load_config, model_names
 from mergeflow.models.causal_data import Blocks, load_blocks, tokenise_blocks
 from mergeflow.models.causal_download import TOKENIZER_FILES
-from mergeflow.models.causal_lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_PREFIX, SHARED_LORA_KEYS, Adapter,
-                                          inject_lora, is_adapter, lora_config, lora_name, lora_shapes)
+from mergeflow.models.causal_lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LORA_PREFIX,
+    SHARED_LORA_KEYS,
+    Adapter,
+    inject_lora,
+    is_adapter,
+    lora_config,
+    lora_name,
+    lora_shapes,
+)
 from mergeflow.models.family import FROZEN, Family, Sources
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LOGITS_BUDGET", "LORA_PREFIX", "SHARED_LORA_KEYS", "TOKENIZER_FILES",
-           "Adapter", "Blocks", "CausalLM", "build_causal", "is_adapter", "load_blocks", "load_config", "lora_config",
-           "lora_name", "lora_shapes", "model_names", "tokenise_blocks"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "LOGITS_BUDGET",
+    "LORA_PREFIX",
+    "SHARED_LORA_KEYS",
+    "TOKENIZER_FILES",
+    "Adapter",
+    "Blocks",
+    "CausalLM",
+    "build_causal",
+    "is_adapter",
+    "load_blocks",
+    "load_config",
+    "lora_config",
+    "lora_name",
+    "lora_shapes",
+    "model_names",
+    "tokenise_blocks",
+]
 
 LOGITS_BUDGET = 1 << 27  # logits elements per forward pass (batch x block x vocab): 512 MB in float32
 
@@ -84,7 +112,9 @@ class CausalLM(Family):
         if self._backbone is None:
             from mergeflow.io.checkpoint import Checkpoint
 
-            self._backbone = build_causal(self._config, Checkpoint(self.artifacts / "checkpoints" / FROZEN).state_dict(), self.device)
+            self._backbone = build_causal(
+                self._config, Checkpoint(self.artifacts / "checkpoints" / FROZEN).state_dict(), self.device
+            )
             self._lora_config = lora_config(self.artifacts / "checkpoints" / "base")
         # a fresh module tree over the same backbone weights: each built model has its own adapter
         memo = {id(t): t for t in (*self._backbone.parameters(), *self._backbone.buffers())}
@@ -133,12 +163,12 @@ class CausalLM(Family):
         device = self._device_of(model)
         step = self._micro_batch(ids.shape[1])
         for i in range(0, len(ids), step):
-            x = ids[i:i + step].to(device)
+            x = ids[i : i + step].to(device)
             logits = model(input_ids=x, use_cache=False).logits
             for j in range(len(x)):  # one row at a time in float32: no [batch, block, vocab] float32 copy
                 nll = torch.nn.functional.cross_entropy(logits[j, :-1].float(), x[j, 1:], reduction="sum")
                 out[i + j, 0] = float(nll)
-            out[i:i + len(x), 1] = x.shape[1] - 1
+            out[i : i + len(x), 1] = x.shape[1] - 1
             del logits
         return out
 
@@ -161,6 +191,6 @@ class CausalLM(Family):
         step = self._micro_batch(ids.shape[1])
         feats = []
         for i in range(0, len(ids), step):
-            h = decoder(input_ids=ids[i:i + step].to(device), use_cache=False).last_hidden_state
+            h = decoder(input_ids=ids[i : i + step].to(device), use_cache=False).last_hidden_state
             feats.append(h.float().mean(1).cpu())
         return torch.cat(feats)

@@ -3,6 +3,7 @@
 
 transformers and peft are imported lazily (importing them costs seconds).
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,8 +42,9 @@ def empty_model(config, meta_buffers: bool = False):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except ValueError as exc:
-        raise MergeflowError(f"model type {config.model_type!r}: no causal LM in transformers "
-                             f"({' '.join(str(exc).split())[:160]})") from None
+        raise MergeflowError(
+            f"model type {config.model_type!r}: no causal LM in transformers ({' '.join(str(exc).split())[:160]})"
+        ) from None
     if not meta_buffers:
         _materialise_buffers(model)
     return model
@@ -99,8 +101,9 @@ def build_causal(config, state_dict: dict[str, torch.Tensor], device="cpu") -> t
         raise MergeflowError(f"build: unexpected tensor {unexpected[0]} in the state dict ({len(unexpected)} unexpected)")
     for name in names:
         if tuple(state_dict[name].shape) != tuple(expected[name].shape):
-            raise MergeflowError(f"build: tensor {name} has shape {tuple(state_dict[name].shape)}, "
-                                 f"the config wants {tuple(expected[name].shape)}")
+            raise MergeflowError(
+                f"build: tensor {name} has shape {tuple(state_dict[name].shape)}, the config wants {tuple(expected[name].shape)}"
+            )
     model.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, strict=False, assign=True)
     for name, source in aliases.items():  # re-tie: assignment replaced the source parameter only
         owner, _, attr = name.rpartition(".")

@@ -3,6 +3,7 @@ into blocks of ``block_size`` tokens; ``data/<task>/{test,train}.safetensors`` w
 
 See docs/family-causal.md. transformers and datasets are imported lazily.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def tokenise_blocks(tokenizer, texts, block_size: int, max_blocks: int | None, w
 
 def _text_batches(ds, column: str, batch: int = 1000):
     for start in range(0, len(ds), batch):
-        yield ds[start:start + batch][column]
+        yield ds[start : start + batch][column]
 
 
 def _save_blocks(path: Path, blocks: torch.Tensor, metadata: dict[str, str]) -> None:
@@ -115,12 +116,16 @@ def prepare_blocks(ts: TaskSources, tokenizer, block: int, max_blocks: int | Non
             if len(train) == 0:
                 train = None
     if train is None:
-        log(f"download: {ts.name}: no usable train split {train_from!r} in {where}: Auto-Switch's query blocks "
-            f"come from the evaluation split {o['split']!r}")
+        log(
+            f"download: {ts.name}: no usable train split {train_from!r} in {where}: Auto-Switch's query blocks "
+            f"come from the evaluation split {o['split']!r}"
+        )
         train, train_from = test[:pool], o["split"]
     meta = {"dataset": ts.dataset.ref, "block_size": str(block), "text_column": col}
     _save_blocks(folder / "test.safetensors", test, {**meta, "split": o["split"]})
     _save_blocks(folder / "train.safetensors", train, {**meta, "split": train_from})
-    log(f"download: {ts.name}: {len(test)} evaluation blocks of {block} tokens ({o['split']}), "
-        f"{len(train)} query blocks ({train_from})")
+    log(
+        f"download: {ts.name}: {len(test)} evaluation blocks of {block} tokens ({o['split']}), "
+        f"{len(train)} query blocks ({train_from})"
+    )
     return {"test": len(test), "train": len(train), "train_split": train_from}

@@ -2,6 +2,7 @@
 adapters) checked against each other and streamed tensor by tensor into ``checkpoints/``, and the
 evaluation text into ``data/`` (see docs/family-causal.md for the layout of both modes).
 """
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,18 @@ from mergeflow.models.family import FROZEN, Sources
 if TYPE_CHECKING:
     from mergeflow.io.checkpoint_like import ShardedLayout
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
-                   "chat_template.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 
 
 class CheckpointView:
@@ -59,8 +69,9 @@ def _int_option(value: Any, key: str, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MergeflowError(f"params: download.options.{key}: expected a positive integer{' or null' if allow_none else ''}, "
-                             f"got {value!r}")
+        raise MergeflowError(
+            f"params: download.options.{key}: expected a positive integer{' or null' if allow_none else ''}, got {value!r}"
+        )
     return value
 
 
@@ -74,20 +85,25 @@ def prepare(sources: Sources, out: Path, log) -> dict:
     pool = _int_option(opts["query_pool"], "query_pool")
     base_dir = sources.base.path
     if is_adapter(base_dir):
-        raise MergeflowError(f"download.base: {sources.base.ref} is a LoRA adapter ({ADAPTER_CONFIG}); "
-                             f"the base must be the full model the adapters were trained on")
+        raise MergeflowError(
+            f"download.base: {sources.base.ref} is a LoRA adapter ({ADAPTER_CONFIG}); "
+            f"the base must be the full model the adapters were trained on"
+        )
     kinds = {t: is_adapter(ts.model.path) for t, ts in sources.tasks.items()}
     if len(set(kinds.values())) > 1:
         a = next(t for t, k in kinds.items() if k)
         f = next(t for t, k in kinds.items() if not k)
-        raise MergeflowError(f"download.tasks: {a} is a LoRA adapter ({sources.tasks[a].model.ref}) but {f} is a full "
-                             f"model ({sources.tasks[f].model.ref}); give all adapters or all full models")
+        raise MergeflowError(
+            f"download.tasks: {a} is a LoRA adapter ({sources.tasks[a].model.ref}) but {f} is a full "
+            f"model ({sources.tasks[f].model.ref}); give all adapters or all full models"
+        )
     lora = all(kinds.values())
     config = load_config(base_dir)
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and block > limit:
-        raise MergeflowError(f"params: download.options.block_size: {block} is longer than the base's "
-                             f"max_position_embeddings {limit}")
+        raise MergeflowError(
+            f"params: download.options.block_size: {block} is longer than the base's max_position_embeddings {limit}"
+        )
     adapters = {t: Adapter.read(ts.model.path) for t, ts in sources.tasks.items()} if lora else {}
     base = Checkpoint(base_dir)
     keep = mergeable(base, config, base_dir, log)
@@ -113,7 +129,10 @@ def prepare(sources: Sources, out: Path, log) -> dict:
             w.write(name, base.get(name))
         copy_files(base_dir, w.tmp, TOKENIZER_FILES)
     shards = len({base.file_of(n) for n in keep})
-    log(f"download: {'backbone (frozen)' if lora else 'base'}: {len(keep)} tensors" + (f" in {shards} shards" if shards > 1 else ""))
+    log(
+        f"download: {'backbone (frozen)' if lora else 'base'}: {len(keep)} tensors"
+        + (f" in {shards} shards" if shards > 1 else "")
+    )
     if lora:
         first = next(iter(adapters.values()))
         first_ck = Checkpoint(first.weights)
@@ -128,13 +147,17 @@ def prepare(sources: Sources, out: Path, log) -> dict:
                 for n in shapes:
                     w.write(n, ck.get(ad.names[n]))
                 shutil.copyfile(ad.folder / ADAPTER_CONFIG, w.tmp / ADAPTER_CONFIG)
-            log(f"download: {t}: LoRA adapter, {len(shapes)} factors, "
-                f"{sum(math.prod(s) for s in shapes.values()):,} parameters")
-        facts |= {"lora_r": first.config.get("r"), "lora_alpha": first.config.get("lora_alpha"),
-                  "target_modules": first.shared()["target_modules"]}
+            log(f"download: {t}: LoRA adapter, {len(shapes)} factors, {sum(math.prod(s) for s in shapes.values()):,} parameters")
+        facts |= {
+            "lora_r": first.config.get("r"),
+            "lora_alpha": first.config.get("lora_alpha"),
+            "target_modules": first.shared()["target_modules"],
+        }
     else:
         for t, ck in tasks_ck.items():
-            cast = sorted({str(ck.tensor_dtype(n)).removeprefix("torch.") for n in keep if ck.tensor_dtype(n) != base.tensor_dtype(n)})
+            cast = sorted(
+                {str(ck.tensor_dtype(n)).removeprefix("torch.") for n in keep if ck.tensor_dtype(n) != base.tensor_dtype(n)}
+            )
             with CheckpointWriter(ckpts / t, like=CheckpointView(base, keep)) as w:
                 for name in keep:
                     w.write(name, ck.get(name))
@@ -149,11 +172,16 @@ def mergeable(base, config, where: Path, log) -> dict[str, str]:
     names, aliases = model_names(empty_model(config, meta_buffers=True))
     have = set(base.names())
     if missing := [n for n in names if n not in have]:
-        raise MergeflowError(f"{where}: tensor {missing[0]} missing ({len(missing)} missing): not a checkpoint of "
-                             f"its config's {type(config).__name__.removesuffix('Config')} architecture")
+        raise MergeflowError(
+            f"{where}: tensor {missing[0]} missing ({len(missing)} missing): not a checkpoint of "
+            f"its config's {type(config).__name__.removesuffix('Config')} architecture"
+        )
     if extra := [n for n in base.names() if n not in names]:
-        log(f"download: {where}: {len(extra)} tensors the model does not hold are left out ({extra[0]}"
-            + (", tied to " + aliases[extra[0]] if extra[0] in aliases else "") + ")")
+        log(
+            f"download: {where}: {len(extra)} tensors the model does not hold are left out ({extra[0]}"
+            + (", tied to " + aliases[extra[0]] if extra[0] in aliases else "")
+            + ")"
+        )
     return {n: n for n in names}
 
 
@@ -164,11 +192,14 @@ def check_task(ck, where: Path, base, keep: dict[str, str]):
         if name not in have:
             raise MergeflowError(f"{where}: tensor {name} of the base is missing")
         if ck.shape(name) != base.shape(name):
-            raise MergeflowError(f"{ck.file_of(name)}: tensor {name} has shape {list(ck.shape(name))}, "
-                                 f"the base has {list(base.shape(name))}")
+            raise MergeflowError(
+                f"{ck.file_of(name)}: tensor {name} has shape {list(ck.shape(name))}, the base has {list(base.shape(name))}"
+            )
     if "lm_head.weight" in have and "lm_head.weight" not in keep:
         cfg = load_config(where) if (Path(where) / "config.json").exists() else None
         if cfg is not None and not getattr(cfg, "tie_word_embeddings", True):
-            raise MergeflowError(f"{ck.file_of('lm_head.weight')}: tensor lm_head.weight is trained apart from the "
-                                 f"embeddings, but the base ties them (tie_word_embeddings)")
+            raise MergeflowError(
+                f"{ck.file_of('lm_head.weight')}: tensor lm_head.weight is trained apart from the "
+                f"embeddings, but the base ties them (tie_word_embeddings)"
+            )
     return ck

@@ -3,6 +3,7 @@ reading and checking them, their factors' names and shapes, and injecting an ada
 
 See docs/family-causal.md. peft is imported lazily.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 LORA_PREFIX = "base_model.model."
 # what every adapter must share with the first (the factors of one layout), and what is refused
-SHARED_LORA_KEYS = ("target_modules", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-                    "layers_to_transform", "layers_pattern", "exclude_modules", "lora_bias", "fan_in_fan_out")
+SHARED_LORA_KEYS = (
+    "target_modules",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+    "lora_bias",
+    "fan_in_fan_out",
+)
 
 
 def is_adapter(folder: Path) -> bool:
@@ -60,10 +72,14 @@ class Adapter:
             kind = config.get("peft_type") if isinstance(config, dict) else None
             raise MergeflowError(f"{cfg_path}: peft_type {kind!r}, only LoRA adapters (LORA) are supported")
         if config.get("use_dora"):
-            raise MergeflowError(f"{cfg_path}: use_dora: DoRA adapters are not supported (their magnitudes are no delta over zero)")
+            raise MergeflowError(
+                f"{cfg_path}: use_dora: DoRA adapters are not supported (their magnitudes are no delta over zero)"
+            )
         if config.get("modules_to_save"):
-            raise MergeflowError(f"{cfg_path}: modules_to_save {config['modules_to_save']}: fully trained modules beside "
-                                 f"the factors are not supported")
+            raise MergeflowError(
+                f"{cfg_path}: modules_to_save {config['modules_to_save']}: fully trained modules beside "
+                f"the factors are not supported"
+            )
         if config.get("bias", "none") != "none":
             raise MergeflowError(f"{cfg_path}: bias {config['bias']!r}: trained base biases are not supported (bias: none)")
         weights = next((member_of(folder, f) for f in ADAPTER_WEIGHTS if (folder / f).exists()), None)
@@ -95,8 +111,9 @@ def lora_config(folder: Path):
     try:
         cfg = LoraConfig.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - peft raises several kinds
-        raise MergeflowError(f"{Path(folder) / ADAPTER_CONFIG}: not a LoRA config peft can read "
-                             f"({' '.join(str(exc).split())[:160]})") from None
+        raise MergeflowError(
+            f"{Path(folder) / ADAPTER_CONFIG}: not a LoRA config peft can read ({' '.join(str(exc).split())[:160]})"
+        ) from None
     cfg.inference_mode = True
     return cfg
 
@@ -134,20 +151,25 @@ def check_adapters(adapters: dict[str, Adapter], backbone_config) -> dict[str, t
         mine = adapters[t].shared()
         for key in SHARED_LORA_KEYS:
             if mine[key] != ref[key]:
-                raise MergeflowError(f"{adapters[t].folder / ADAPTER_CONFIG}: {key} {mine[key]!r} differs from "
-                                     f"{ref[key]!r} of {first.folder / ADAPTER_CONFIG} (adapters must share "
-                                     f"target modules, r and lora_alpha)")
+                raise MergeflowError(
+                    f"{adapters[t].folder / ADAPTER_CONFIG}: {key} {mine[key]!r} differs from "
+                    f"{ref[key]!r} of {first.folder / ADAPTER_CONFIG} (adapters must share "
+                    f"target modules, r and lora_alpha)"
+                )
     shapes = lora_shapes(backbone_config, first.lora_config(), first.folder / ADAPTER_CONFIG)
     for t in tasks:
         ad = adapters[t]
         ck = Checkpoint(ad.weights)
         if missing := [n for n in shapes if n not in ad.names]:
-            raise MergeflowError(f"{ad.weights}: tensor {missing[0]} missing ({len(missing)} missing) for its "
-                                 f"target modules over the base")
+            raise MergeflowError(
+                f"{ad.weights}: tensor {missing[0]} missing ({len(missing)} missing) for its target modules over the base"
+            )
         if extra := [n for n in ad.names if n not in shapes]:
             raise MergeflowError(f"{ad.weights}: tensor {ad.names[extra[0]]} is no LoRA factor of its config over the base")
         for n, shape in shapes.items():
             if tuple(ck.shape(ad.names[n])) != shape:
-                raise MergeflowError(f"{ad.weights}: tensor {ad.names[n]} has shape {list(ck.shape(ad.names[n]))}, "
-                                     f"r and the base want {list(shape)}")
+                raise MergeflowError(
+                    f"{ad.weights}: tensor {ad.names[n]} has shape {list(ck.shape(ad.names[n]))}, "
+                    f"r and the base want {list(shape)}"
+                )
     return shapes

@@ -4,6 +4,7 @@ A hub dataset is read from its resolved snapshot folder (``datasets.load_dataset
 files are pinned to the commit the download stage recorded, and it works offline, where
 ``load_dataset("org/name", revision=...)`` would want datasets' own prepared cache.
 """
+
 from __future__ import annotations
 
 from mergeflow.errors import MergeflowError

@@ -10,6 +10,7 @@ What ``prepare`` writes (``checkpoints/``, ``heads/``, ``data/``) is described i
 docs/family-artifacts.md. Families are registered by name in :data:`mergeflow.models.FAMILIES`
 (looked up with :func:`mergeflow.models.get_family`).
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

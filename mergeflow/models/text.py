@@ -10,6 +10,7 @@ The jobs live beside this module: :mod:`~mergeflow.models.text_build` (architect
 (GLUE metrics), :mod:`~mergeflow.models.text_download` (the download stage). Their public names
 are re-exported here. transformers, datasets, scikit-learn and SciPy are imported lazily.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,23 @@ from mergeflow.models.text_data import Texts, read_texts
 from mergeflow.models.text_download import body_tensors, head_tensors
 from mergeflow.models.text_metrics import CLASSIFICATION_METRICS, GLUE, METRICS, REGRESSION_METRICS, glue_name, glue_score
 
-__all__ = ["CLASSIFICATION_METRICS", "GLUE", "METRICS", "REGRESSION_METRICS", "TextClassification", "Texts", "body_tensors",
-           "build_model", "glue_name", "glue_score", "head_tensors", "load_config", "meta_model", "read_texts", "split_names"]
+__all__ = [
+    "CLASSIFICATION_METRICS",
+    "GLUE",
+    "METRICS",
+    "REGRESSION_METRICS",
+    "TextClassification",
+    "Texts",
+    "body_tensors",
+    "build_model",
+    "glue_name",
+    "glue_score",
+    "head_tensors",
+    "load_config",
+    "meta_model",
+    "read_texts",
+    "split_names",
+]
 
 
 class TextClassification(Family):
@@ -108,11 +124,13 @@ class TextClassification(Family):
             for name, module in full.named_children():
                 if name == full.base_model_prefix:
                     continue
-                sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+                sub = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
                 try:
                     module.load_state_dict(sub, strict=True, assign=True)
                 except RuntimeError as exc:
-                    raise MergeflowError(f"{path}: head {name} does not fit the config ({' '.join(str(exc).split())[:160]})") from None
+                    raise MergeflowError(
+                        f"{path}: head {name} does not fit the config ({' '.join(str(exc).split())[:160]})"
+                    ) from None
                 modules[name] = module.to(device=device, dtype=dtype).eval()
             self._heads[key] = modules
         return self._heads[key]

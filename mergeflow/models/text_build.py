@@ -3,6 +3,7 @@ its body / head split, and building a model whose body holds exactly a state dic
 
 transformers is imported lazily (importing it costs seconds).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,8 +45,10 @@ def meta_model(config, where="config") -> PreTrainedModel:
         with torch.device("meta"):
             return AutoModelForSequenceClassification.from_config(config)
     except ValueError as exc:
-        raise MergeflowError(f"{where}: model type {config.model_type!r} has no sequence-classification model "
-                             f"in transformers ({' '.join(str(exc).split())[:120]})") from None
+        raise MergeflowError(
+            f"{where}: model type {config.model_type!r} has no sequence-classification model "
+            f"in transformers ({' '.join(str(exc).split())[:120]})"
+        ) from None
 
 
 def split_names(model: PreTrainedModel) -> tuple[dict[str, tuple], dict[str, tuple]]:
@@ -104,8 +107,10 @@ def build_model(config, state_dict: dict[str, torch.Tensor], device="cpu") -> to
     if missing:
         raise MergeflowError(f"build: tensor {missing[0]} missing from the state dict ({len(missing)} missing)")
     if unexpected:
-        raise MergeflowError(f"build: unexpected tensor {unexpected[0]} in the state dict ({len(unexpected)} unexpected; "
-                             f"heads are per task, not part of the body)")
+        raise MergeflowError(
+            f"build: unexpected tensor {unexpected[0]} in the state dict ({len(unexpected)} unexpected; "
+            f"heads are per task, not part of the body)"
+        )
     for name, shape in expected.items():
         if tuple(state_dict[name].shape) != shape:
             raise MergeflowError(f"build: tensor {name} has shape {tuple(state_dict[name].shape)}, the config wants {shape}")

@@ -4,6 +4,7 @@
 
 transformers and datasets are imported lazily.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class Texts:
         lengths = self.lengths()[rows]
         order = torch.argsort(lengths, descending=True, stable=True)
         for start in range(0, len(order), batch_size):
-            pos = order[start:start + batch_size]
+            pos = order[start : start + batch_size]
             sel = rows[pos]
             width = int(lengths[pos].max())
             ids = torch.full((len(sel), width), pad_id, dtype=torch.long)
@@ -77,8 +78,12 @@ def write_texts(path: Path, ids: list[list[int]], labels, regression: bool) -> N
 
     from mergeflow.io.atomic import atomic_file
 
-    table = pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32())),
-                      "label": pa.array(labels, type=pa.float32() if regression else pa.int64())})
+    table = pa.table(
+        {
+            "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+            "label": pa.array(labels, type=pa.float32() if regression else pa.int64()),
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         pq.write_table(table, str(tmp))
@@ -166,8 +171,10 @@ def _labels(ds, column: str, regression: bool, num_labels: int, where: str):
         raise MergeflowError(f"{where}: column {column!r} holds {y.dtype} values, a classification head needs class ids")
     y = y.astype(np.int64)
     if (y < 0).any():
-        raise MergeflowError(f"{where}: {int((y < 0).sum())} rows have label {int(y.min())} (no label; GLUE's test "
-                             f"splits hide theirs: evaluate on validation)")
+        raise MergeflowError(
+            f"{where}: {int((y < 0).sum())} rows have label {int(y.min())} (no label; GLUE's test "
+            f"splits hide theirs: evaluate on validation)"
+        )
     if (y >= num_labels).any():
         raise MergeflowError(f"{where}: label {int(y.max())} out of range for a head with num_labels {num_labels}")
     return y.tolist()
@@ -177,6 +184,6 @@ def _tokenize(tokenizer, ds, columns: list[str], max_length: int) -> list[list[i
     texts = [[str(t) for t in ds[c]] for c in columns]
     ids: list[list[int]] = []
     for i in range(0, len(texts[0]), _TOKENIZE_CHUNK):
-        enc = tokenizer(*[t[i:i + _TOKENIZE_CHUNK] for t in texts], truncation=True, max_length=max_length)
+        enc = tokenizer(*[t[i : i + _TOKENIZE_CHUNK] for t in texts], truncation=True, max_length=max_length)
         ids.extend(enc["input_ids"])
     return ids

@@ -2,6 +2,7 @@
 fine-tune into ``checkpoints/`` (float32, one set of names), each fine-tune's head into
 ``heads/<task>.safetensors``, the tokenised splits into ``data/`` (see docs/family-text.md).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,16 +31,19 @@ def prepare(sources: Sources, out: Path, log, family: str) -> dict:
     prefix = body_model.base_model_prefix + "."
     limit = position_limit(body_cfg)
     if limit is not None and max_length > limit:
-        raise MergeflowError(f"download.options.max_length: {max_length} is more than the {limit} positions "
-                             f"of {base_dir / 'config.json'}")
+        raise MergeflowError(
+            f"download.options.max_length: {max_length} is more than the {limit} positions of {base_dir / 'config.json'}"
+        )
     with Checkpoint(base_dir) as base_ck:
         base = body_tensors(base_ck, body_shapes, None)
         dropped = [n for n in base_ck.names() if n not in base and prefix + n not in base]
     model_dirs = {task: model_dir(ts) for task, ts in sources.tasks.items()}
     tokenizer = load_tokenizer([base_dir, *model_dirs.values()])
     write_body(out / "checkpoints" / "base", body_cfg, base, tokenizer)
-    log(f"download: base {sources.base.ref}: {len(base)} body tensors"
-        + (f" (left out {len(dropped)} not in {body_cfg.architectures[0]}'s body, e.g. {dropped[0]})" if dropped else ""))
+    log(
+        f"download: base {sources.base.ref}: {len(base)} body tensors"
+        + (f" (left out {len(dropped)} not in {body_cfg.architectures[0]}'s body, e.g. {dropped[0]})" if dropped else "")
+    )
     facts: dict[str, Any] = {"metrics": {}, "num_labels": {}, "max_length": max_length, "rows": {}}
     for task, ts in sources.tasks.items():
         mdir = model_dirs[task]
@@ -63,9 +67,11 @@ def prepare(sources: Sources, out: Path, log, family: str) -> dict:
         facts["metrics"][task] = metric
         facts["num_labels"][task] = cfg.num_labels
         facts["rows"][task] = rows
-        log(f"download: {task}: body {len(body_shapes)} tensors, head {', '.join(head)} "
+        log(
+            f"download: {task}: body {len(body_shapes)} tensors, head {', '.join(head)} "
             f"({cfg.num_labels} {'output' if regression else 'labels'}), {metric}, {rows['test']} test rows"
-            + (f", {rows['train']} query-pool rows" if rows.get("train") else ""))
+            + (f", {rows['train']} query-pool rows" if rows.get("train") else "")
+        )
     return facts
 
 
@@ -104,11 +110,15 @@ def head_tensors(ck, shapes: dict[str, tuple], cfg) -> dict[str, torch.Tensor]:
     out = {}
     for name, shape in shapes.items():
         if name not in have:
-            raise MergeflowError(f"{ck.path}: tensor {name} missing: not a sequence-classification fine-tune "
-                                 f"(the head of {type(meta_model(cfg)).__name__} with num_labels {cfg.num_labels})")
+            raise MergeflowError(
+                f"{ck.path}: tensor {name} missing: not a sequence-classification fine-tune "
+                f"(the head of {type(meta_model(cfg)).__name__} with num_labels {cfg.num_labels})"
+            )
         if tuple(ck.shape(name)) != shape:
-            raise MergeflowError(f"{ck.file_of(name)}: tensor {name} has shape {list(ck.shape(name))}, its config "
-                                 f"(num_labels {cfg.num_labels}) wants {list(shape)}")
+            raise MergeflowError(
+                f"{ck.file_of(name)}: tensor {name} has shape {list(ck.shape(name))}, its config "
+                f"(num_labels {cfg.num_labels}) wants {list(shape)}"
+            )
         out[name] = ck.get(name).to(torch.float32)
     return out
 
@@ -141,5 +151,13 @@ def write_body(folder: Path, config, tensors: dict[str, torch.Tensor], tokenizer
 def save_head(path: Path, tensors: dict[str, torch.Tensor], cfg, task: str, metric: str) -> None:
     from mergeflow.io.checkpoint import save_tensors
 
-    save_tensors(path, tensors, metadata={"task": task, "metric": metric, "num_labels": str(cfg.num_labels),
-                                          "config": cfg.to_json_string(use_diff=False)})
+    save_tensors(
+        path,
+        tensors,
+        metadata={
+            "task": task,
+            "metric": metric,
+            "num_labels": str(cfg.num_labels),
+            "config": cfg.to_json_string(use_diff=False),
+        },
+    )

@@ -4,6 +4,7 @@ scoring predictions with it (``{"score", "metric", components...}``).
 The metrics are the ones DARE, EMR-Merging and T-Switch report for RoBERTa on GLUE (see
 docs/family-text.md). scikit-learn and SciPy are imported lazily.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -10,6 +10,7 @@ The jobs live beside this module: :mod:`~mergeflow.models.vision_build` (archite
 (image splits), :mod:`~mergeflow.models.vision_download` (the download stage). Their public
 names are re-exported here. transformers and datasets are imported lazily.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,21 @@ from mergeflow.models.vision_build import VISION_PREFIXES, build_model, image_em
 from mergeflow.models.vision_data import Images, load_split
 from mergeflow.models.vision_heads import DEFAULT_TEMPLATES, TEMPLATES, accuracy, load_head, zero_shot_head
 
-__all__ = ["DEFAULT_TEMPLATES", "TEMPLATES", "VISION_PREFIXES", "ClipVision", "Images", "ZooVision", "accuracy", "build_model",
-           "image_embeddings", "load_config", "load_head", "load_split", "zero_shot_head"]
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "TEMPLATES",
+    "VISION_PREFIXES",
+    "ClipVision",
+    "Images",
+    "ZooVision",
+    "accuracy",
+    "build_model",
+    "image_embeddings",
+    "load_config",
+    "load_head",
+    "load_split",
+    "zero_shot_head",
+]
 
 
 class _VisionFamily(Family):

@@ -3,6 +3,7 @@ plus ``visual_projection``) that holds exactly a state dict, and its image embed
 
 transformers is imported lazily (importing it costs seconds).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,6 +4,7 @@ image datasets read and sampled at download.
 
 datasets and PIL are imported lazily.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,7 +94,7 @@ def _process(processor, images: list, batch: int) -> torch.Tensor:
     out = []
     for i in range(0, len(images), batch):
         pil = []
-        for im in images[i:i + batch]:
+        for im in images[i : i + batch]:
             if isinstance(im, dict):
                 im = Image.open(io.BytesIO(im["bytes"])) if im.get("bytes") else Image.open(im["path"])
             pil.append(im.convert("RGB"))
@@ -112,8 +113,9 @@ def load_image_splits(ts, pool: int, seed: int):
     if classes is None:
         feature = test.features[o["label_column"]]
         if not hasattr(feature, "names"):
-            raise MergeflowError(f"{ts.dataset.ref}: column {o['label_column']!r} has no class names; "
-                                 f"set download.tasks.{ts.name}.classnames")
+            raise MergeflowError(
+                f"{ts.dataset.ref}: column {o['label_column']!r} has no class names; set download.tasks.{ts.name}.classnames"
+            )
         classes = [n.replace("_", " ") for n in feature.names]
     train = None
     try:

@@ -1,6 +1,7 @@
 """The ``clip_vision`` family's download stage: the vision tower of the base and of every fine-tune
 into ``checkpoints/`` (float32), each task's zero-shot head into ``heads/``, its images into ``data/``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,11 @@ def prepare(sources: Sources, out: Path, log) -> dict:
             save_images(out / "data" / task / "train.parquet", train)
         facts["metrics"][task] = "accuracy"
         facts["classes"][task] = len(classes)
-        log(f"download: {task}: vision tower {len(names)} tensors, head {len(classes)} classes x "
-            f"{len(templates)} templates, {len(test)} test images" + (f", {len(train)} query-pool images" if train is not None else ""))
+        log(
+            f"download: {task}: vision tower {len(names)} tensors, head {len(classes)} classes x "
+            f"{len(templates)} templates, {len(test)} test images"
+            + (f", {len(train)} query-pool images" if train is not None else "")
+        )
     return facts
 
 

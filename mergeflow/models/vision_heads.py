@@ -5,6 +5,7 @@ top-1 accuracy of a model with one.
 
 transformers is imported lazily (importing it costs seconds).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,16 +19,39 @@ from mergeflow.models.vision_build import image_embeddings
 # Zero-shot prompt templates of the 8-task suite, as in CLIP's and the task-vectors papers' code.
 TEMPLATES: dict[str, list[str]] = {
     "sun397": ["a photo of a {}.", "a photo of the {}."],
-    "stanford_cars": ["a photo of a {}.", "a photo of the {}.", "a photo of my {}.", "i love my {}!",
-                      "a photo of my dirty {}.", "a photo of my clean {}.", "a photo of my new {}.", "a photo of my old {}."],
-    "resisc45": [f"{kind} {view} of {art}{{}}." for art in ("", "a ", "the ")
-                 for kind, view in (("satellite", "imagery"), ("aerial", "imagery"), ("satellite", "photo"),
-                                    ("aerial", "photo"), ("satellite", "view"), ("aerial", "view"))],
-    "eurosat": ["a centered satellite photo of {}.", "a centered satellite photo of a {}.",
-                "a centered satellite photo of the {}."],
+    "stanford_cars": [
+        "a photo of a {}.",
+        "a photo of the {}.",
+        "a photo of my {}.",
+        "i love my {}!",
+        "a photo of my dirty {}.",
+        "a photo of my clean {}.",
+        "a photo of my new {}.",
+        "a photo of my old {}.",
+    ],
+    "resisc45": [
+        f"{kind} {view} of {art}{{}}."
+        for art in ("", "a ", "the ")
+        for kind, view in (
+            ("satellite", "imagery"),
+            ("aerial", "imagery"),
+            ("satellite", "photo"),
+            ("aerial", "photo"),
+            ("satellite", "view"),
+            ("aerial", "view"),
+        )
+    ],
+    "eurosat": [
+        "a centered satellite photo of {}.",
+        "a centered satellite photo of a {}.",
+        "a centered satellite photo of the {}.",
+    ],
     "svhn": ['a photo of the number: "{}".'],
-    "gtsrb": ['a zoomed in photo of a "{}" traffic sign.', 'a centered photo of a "{}" traffic sign.',
-              'a close up photo of a "{}" traffic sign.'],
+    "gtsrb": [
+        'a zoomed in photo of a "{}" traffic sign.',
+        'a centered photo of a "{}" traffic sign.',
+        'a close up photo of a "{}" traffic sign.',
+    ],
     "mnist": ['a photo of the number: "{}".'],
     "dtd": [f"a photo of {art} {{}} {what}." for art in ("a", "the") for what in ("texture", "pattern", "thing", "object")],
 }
@@ -60,8 +84,9 @@ def load_head(path: Path) -> tuple[torch.Tensor, float]:
 
 
 @torch.no_grad()
-def accuracy(model, head: torch.Tensor, logit_scale: float, pixel_values: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 256) -> float:
+def accuracy(
+    model, head: torch.Tensor, logit_scale: float, pixel_values: torch.Tensor, labels: torch.Tensor, batch_size: int = 256
+) -> float:
     """Top-1 accuracy in [0, 1] of logits = logit_scale * image_embeddings @ head.T."""
     if len(labels) == 0:
         raise MergeflowError("accuracy: empty evaluation set")
@@ -77,8 +102,10 @@ def text_tower(base_dir: Path, base_ck):
 
     raw = json.loads((Path(base_dir) / "config.json").read_text())
     if raw.get("model_type") != "clip":
-        raise MergeflowError(f"{base_dir}/config.json: the base must be a full CLIP model (text tower for zero-shot heads), "
-                             f"got model_type {raw.get('model_type')!r}")
+        raise MergeflowError(
+            f"{base_dir}/config.json: the base must be a full CLIP model (text tower for zero-shot heads), "
+            f"got model_type {raw.get('model_type')!r}"
+        )
     cfg = CLIPConfig.from_dict(raw)
     tcfg = cfg.text_config
     tcfg.projection_dim = cfg.projection_dim
@@ -119,5 +146,8 @@ def zero_shot_head(text_model, tokenizer, classes: list[str], templates: list[st
 def save_head(path: Path, weight: torch.Tensor, scale: float, task: str, classes: list[str]) -> None:
     from mergeflow.io.checkpoint import save_tensors
 
-    save_tensors(path, {"weight": weight.to(torch.float32)},
-                 metadata={"logit_scale": repr(float(scale)), "task": task, "classes": json.dumps(classes)})
+    save_tensors(
+        path,
+        {"weight": weight.to(torch.float32)},
+        metadata={"logit_scale": repr(float(scale)), "task": task, "classes": json.dumps(classes)},
+    )

@@ -6,6 +6,7 @@ exactly, without copying the model. How (bit packing, the backup of only the ent
 subtraction cannot restore, chunks and worker threads) and which module does what:
 docs/runtime.md.
 """
+
 from mergeflow.runtime.chunks import CPU_CHUNK as CPU_CHUNK, CUDA_CHUNK as CUDA_CHUNK
 from mergeflow.runtime.model import SwitchModel, load_runtime
 from mergeflow.runtime.packing import PackedSwitch, PackedTensor, pack_ternary, unpack_ternary

@@ -2,6 +2,7 @@
 saving the entries subtraction cannot restore, and undo it (torch, or the fused CPU kernels of
 ``mergeflow.kernels``); with the per-thread scratch they use (``_Workspace``, ``_Arena``).
 See docs/runtime.md for why removal is bitwise exact."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,7 +41,7 @@ class _Arena:
                 self.blocks.append((np.empty(size, np.int32), np.empty(size, self.bits)))
             pos, vals = self.blocks[self.block]
             if len(pos) - self.used >= want:
-                return pos[self.used:], vals[self.used:]
+                return pos[self.used :], vals[self.used :]
             self.block, self.used = self.block + 1, 0
 
     def commit(self, n: int) -> None:
@@ -78,8 +79,9 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _step(ws: _Workspace, plan: _Plan, start: int, length: int, wdt: torch.dtype,
-          forward: bool, reuse: bool = False) -> tuple[torch.Tensor, float]:
+def _step(
+    ws: _Workspace, plan: _Plan, start: int, length: int, wdt: torch.dtype, forward: bool, reuse: bool = False
+) -> tuple[torch.Tensor, float]:
     """(e, a) such that v + a * e is the chunk's step: v + d (``forward``) or v - d.
 
     a < 0 and the zeros of e are +0.0, so a * e is -0.0 wherever d is zero and entries no
@@ -121,7 +123,7 @@ def _apply_chunks(flat: torch.Tensor, plan: _Plan, begin: int, end: int, ws: _Wo
         return _apply_chunks_fused(kernels.as_array(flat), plan, begin, end, ws, sink)
     for start in range(begin, end, ws.chunk):
         length = min(ws.chunk, end - start)
-        x = flat[start:start + length]
+        x = flat[start : start + length]
         e, a = _step(ws, plan, start, length, wdt, forward=True)
         if dtype == wdt:
             y = torch.add(x, e, alpha=a, out=ws.get("y", wdt)[:length])
@@ -181,8 +183,9 @@ def _apply_chunks_fused(x: np.ndarray, plan: _Plan, begin: int, end: int, ws: _W
         begin += done
 
 
-def _remove_chunks(flat: torch.Tensor, plan: _Plan, pieces: list[_Piece], ws: _Workspace,
-                   array: np.ndarray | None = None) -> None:
+def _remove_chunks(
+    flat: torch.Tensor, plan: _Plan, pieces: list[_Piece], ws: _Workspace, array: np.ndarray | None = None
+) -> None:
     """Undo ``pieces`` of ``flat``: subtract the step again, then write the saved entries back.
     ``array``: flat's kernel array, where the caller has it."""
     dtype, wdt = flat.dtype, _work_dtype(flat.dtype)
@@ -194,12 +197,12 @@ def _remove_chunks(flat: torch.Tensor, plan: _Plan, pieces: list[_Piece], ws: _W
             xa, bits, coefs = _kernel_view(array, plan, piece.start, piece.start + piece.length)
             kernels.switch_remove(xa, bits, coefs, piece.pos.numpy(), piece.vals.numpy())
             continue
-        x = flat[piece.start:piece.start + piece.length]
+        x = flat[piece.start : piece.start + piece.length]
         e, a = _step(ws, plan, piece.start, piece.length, wdt, forward=False)
         if dtype == wdt:
             x.add_(e, alpha=a)
         else:
-            f = ws.get("y", wdt)[:piece.length]
+            f = ws.get("y", wdt)[: piece.length]
             f.copy_(x).add_(e, alpha=a)
             x.copy_(f)
         if not piece.pos.numel():

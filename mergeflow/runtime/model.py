@@ -1,6 +1,7 @@
 """Serving with task switches: ``SwitchModel`` (a model whose batches are grouped by switch
 combination, each applied once per batch) and ``load_runtime`` (a base checkpoint and switch
 files to a runtime); see docs/runtime.md."""
+
 from __future__ import annotations
 
 import os
@@ -51,9 +52,15 @@ class SwitchModel:
     The model's parameters and buffers are switched in place (``runtime``).
     """
 
-    def __init__(self, model: torch.nn.Module, switches: Mapping[str, Switch | PackedSwitch],
-                 router: Callable[[Any], torch.Tensor] | None = None, *, chunk: int | None = None,
-                 workers: int | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        switches: Mapping[str, Switch | PackedSwitch],
+        router: Callable[[Any], torch.Tensor] | None = None,
+        *,
+        chunk: int | None = None,
+        workers: int | None = None,
+    ):
         self.model = model
         params = dict(model.named_buffers())
         params.update(dict(model.named_parameters()))
@@ -65,8 +72,12 @@ class SwitchModel:
         return self.runtime.names
 
     @torch.no_grad()
-    def predict(self, inputs: Any, weights: torch.Tensor | Mapping[str, float] | None = None,
-                forward: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None) -> torch.Tensor:
+    def predict(
+        self,
+        inputs: Any,
+        weights: torch.Tensor | Mapping[str, float] | None = None,
+        forward: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Outputs of the model for ``inputs`` (a batch), each row under its switch combination.
 
         ``weights``: [B, T] (one row per input, columns in ``names`` order), a mapping (one
@@ -97,8 +108,10 @@ class SwitchModel:
                 self.runtime.switch(row)  # from the previous group's combination in one pass
                 result = forward(self.model, _take(inputs, rows))
                 if not isinstance(result, torch.Tensor) or result.dim() < 1 or result.shape[0] != rows.numel():
-                    raise MergeflowError(f"forward must return a tensor with one row per input, got "
-                                         f"{list(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__}")
+                    raise MergeflowError(
+                        f"forward must return a tensor with one row per input, got "
+                        f"{list(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__}"
+                    )
                 if out is None:
                     out = result.new_empty((n, *result.shape[1:]))
                 out[rows.to(out.device)] = result
@@ -109,9 +122,14 @@ class SwitchModel:
         return out
 
 
-def load_runtime(base_dir: str | os.PathLike, switch_paths: Mapping[str, str | os.PathLike],
-                 device: str | torch.device | None = None, *, chunk: int | None = None,
-                 workers: int | None = None) -> tuple[dict[str, torch.Tensor], SwitchRuntime]:
+def load_runtime(
+    base_dir: str | os.PathLike,
+    switch_paths: Mapping[str, str | os.PathLike],
+    device: str | torch.device | None = None,
+    *,
+    chunk: int | None = None,
+    workers: int | None = None,
+) -> tuple[dict[str, torch.Tensor], SwitchRuntime]:
     """(state dict of the base, runtime switching it in place) from a checkpoint and switch files.
 
     Tensors keep their stored dtypes; ``device`` moves the state dict there first (the

@@ -3,6 +3,7 @@
 Two bits per parameter in memory (see docs/runtime.md); ``unpack_ternary`` unpacks any range
 on the bits' device with one 64-bit table look-up per 8 parameters.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,9 @@ def pack_ternary(ternary: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.stack([keep, sign], axis=1))).to(ternary.device)
 
 
-def _unpack_into(bits: torch.Tensor, start: int, length: int, idx: torch.Tensor, words: torch.Tensor,
-                 negate: bool = False) -> torch.Tensor:
+def _unpack_into(
+    bits: torch.Tensor, start: int, length: int, idx: torch.Tensor, words: torch.Tensor, negate: bool = False
+) -> torch.Tensor:
     """Entries [start, start + length) of the packed ternary as int8 (negated with ``negate``),
     written into ``words``.
 
@@ -160,5 +162,9 @@ class PackedSwitch:
         return sum(t.nbytes for t in self.tensors.values()) + sum(d.numel() * d.element_size() for d in self.dense.values())
 
     def to(self, device: torch.device | str) -> "PackedSwitch":
-        return PackedSwitch({k: t.to(device) for k, t in self.tensors.items()},
-                            {k: d.to(device) for k, d in self.dense.items()}, list(self.skipped), dict(self.metadata))
+        return PackedSwitch(
+            {k: t.to(device) for k, t in self.tensors.items()},
+            {k: d.to(device) for k, d in self.dense.items()},
+            list(self.skipped),
+            dict(self.metadata),
+        )

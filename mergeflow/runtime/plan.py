@@ -1,5 +1,6 @@
 """What one switch combination does to one tensor (``_Plan``) and what removal needs to undo
 it bitwise (``_Piece``, ``_Backup``); see docs/runtime.md."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,8 +22,7 @@ class _Plan:
     def kernel_bits(self) -> tuple[list[np.ndarray], np.ndarray]:
         """(each switch's byte pairs as the fused kernel reads them, the coefficients as float32)."""
         if self._kernel is None:
-            self._kernel = ([pt.pairs for _, pt in self.binary],
-                            np.array([c for c, _ in self.binary], dtype=np.float32))
+            self._kernel = ([pt.pairs for _, pt in self.binary], np.array([c for c, _ in self.binary], dtype=np.float32))
         return self._kernel
 
 

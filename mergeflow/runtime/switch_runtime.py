@@ -1,5 +1,6 @@
 """``SwitchRuntime``: apply, switch and remove weighted sums of task switches in place on live
 model weights, restoring them bitwise (see docs/runtime.md)."""
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,14 @@ class SwitchRuntime:
     count, at most 8); other devices use one.
     """
 
-    def __init__(self, params: Mapping[str, torch.Tensor], switches: Mapping[str, Switch | PackedSwitch], *,
-                 chunk: int | None = None, workers: int | None = None):
+    def __init__(
+        self,
+        params: Mapping[str, torch.Tensor],
+        switches: Mapping[str, Switch | PackedSwitch],
+        *,
+        chunk: int | None = None,
+        workers: int | None = None,
+    ):
         if chunk is not None and (chunk < 8 or chunk % 8):
             raise MergeflowError(f"chunk must be a positive multiple of 8, got {chunk}")
         if workers is not None and workers < 1:
@@ -78,7 +85,9 @@ class SwitchRuntime:
             for name, d in packed.dense.items():
                 p = self.params[name]
                 if tuple(d.shape) != tuple(p.shape):
-                    raise MergeflowError(f"switch {key}: dense tensor {name} has shape {list(d.shape)}, the model has {list(p.shape)}")
+                    raise MergeflowError(
+                        f"switch {key}: dense tensor {name} has shape {list(d.shape)}, the model has {list(p.shape)}"
+                    )
                 if p.is_floating_point():
                     dense[name] = d.to(p.device)
             for name in [*tensors, *dense]:
@@ -86,7 +95,9 @@ class SwitchRuntime:
                     continue
                 ptr = self.params[name].data_ptr()
                 if touched.setdefault(ptr, name) != name:
-                    raise MergeflowError(f"tensors {touched[ptr]} and {name} share memory (tied weights): give the runtime one of them")
+                    raise MergeflowError(
+                        f"tensors {touched[ptr]} and {name} share memory (tied weights): give the runtime one of them"
+                    )
             self.switches[key] = PackedSwitch(tensors, dense, list(packed.skipped), dict(packed.metadata))
         self._workspaces: dict[tuple[torch.device, int], _Workspace] = {}
         self._arrays: dict[tuple[int, int, torch.dtype], np.ndarray] = {}
@@ -198,8 +209,10 @@ class SwitchRuntime:
                     continue
                 flat, backup = self.params[name].detach().view(-1), _Backup(plan)
                 self._backup[name] = backup
-                tasks.extend((piece.length, self._swap_task, flat, old[name].plan, plan, piece, backup.pieces, swapped)
-                             for piece in old[name].pieces)
+                tasks.extend(
+                    (piece.length, self._swap_task, flat, old[name].plan, plan, piece, backup.pieces, swapped)
+                    for piece in old[name].pieces
+                )
             self._run(tasks)
         except BaseException:
             left = {}  # the old combination where it was not swapped yet
@@ -338,7 +351,9 @@ class SwitchRuntime:
         while done < piece.length:
             pos, vals = arena.take(want)
             stop, n = kernels.switch_swap(xs, bits_a, coefs_a, pos_a, vals_a, bits_b, coefs_b, done, pos, vals)
-            sink.append(_Piece(piece.start + done, stop - done, torch.from_numpy(pos[:n]), torch.from_numpy(vals[:n]), fused=True))
+            sink.append(
+                _Piece(piece.start + done, stop - done, torch.from_numpy(pos[:n]), torch.from_numpy(vals[:n]), fused=True)
+            )
             arena.commit(n)
             swapped[id(piece)] = done = stop
 

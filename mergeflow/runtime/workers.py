@@ -1,6 +1,7 @@
 """Running the switch runtime's tasks: other devices' in order, CPU ones split into runs of about
 equal entries over worker threads that each run torch single-threaded (chunk-sized operations
 are slower when torch splits them over its thread pool)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -33,8 +34,7 @@ def new_pool(workers: int) -> Any:
     """``workers`` threads, each running torch's CPU kernels single-threaded."""
     from concurrent.futures import ThreadPoolExecutor
 
-    return ThreadPoolExecutor(workers, thread_name_prefix="switch-runtime",
-                              initializer=torch.set_num_threads, initargs=(1,))
+    return ThreadPoolExecutor(workers, thread_name_prefix="switch-runtime", initializer=torch.set_num_threads, initargs=(1,))
 
 
 def run_tasks(tasks: list[tuple], workers: int, pool: Callable[[], Any]) -> None:

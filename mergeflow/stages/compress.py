@@ -1,5 +1,6 @@
 """compress: every task vector in ``compress.method``'s compact form (T-Switch's binary switch
 files), and the Auto-Switch query set beside them."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,10 @@ def run_unit(p: Params, lay: Layout, unit: str, work: Path, log: Log) -> dict:
         "float32_bytes": 4 * n,
         "ratio_to_float32": st.file_bytes / (4 * n),
     }
-    log(f"compress: {task}: {st.bits_per_param:.3f} bits/param (floor {st.entropy_floor_bits:.3f}), "
-        f"{st.file_bytes:,} bytes = {stats['ratio_to_float32']:.4f} of float32")
+    log(
+        f"compress: {task}: {st.bits_per_param:.3f} bits/param (floor {st.entropy_floor_bits:.3f}), "
+        f"{st.file_bytes:,} bytes = {stats['ratio_to_float32']:.4f} of float32"
+    )
     return stats
 
 

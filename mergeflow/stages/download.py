@@ -1,5 +1,6 @@
 """download: resolve the sources into ``artifacts/`` (the zoo, or a model family's checkpoints,
 heads and data), every hub ref pinned to a commit and every local folder to a content hash."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,7 @@ from mergeflow.io.atomic import atomic_dir, write_json
 from mergeflow.io.outputs import keep_tree
 from mergeflow.params import Params
 from mergeflow.stages.layout import Layout, Log, check_sources_apart, noop
+
 
 def run(p: Params, root: Path, log: Log = noop, map_units=None) -> dict:
     """Resolve the sources into ``artifacts/``: build the zoo from the seed for ``zoo://``; for a
@@ -47,7 +49,6 @@ def run(p: Params, root: Path, log: Log = noop, map_units=None) -> dict:
     return {"tasks": manifest["tasks"], "family": manifest["family"]}
 
 
-
 def resolve_sources(p: Params, log: Log = noop, root: Path | None = None):
     """(``Sources`` for the family, their pins for sources.json): every ``hf://`` ref resolved to the
     commit it points at now (only the local cache when ``download.offline`` or HF_HUB_OFFLINE is
@@ -68,10 +69,18 @@ def resolve_sources(p: Params, log: Log = noop, root: Path | None = None):
                 want = "hf://org/name[@revision]" if kind == "model" else "hf://datasets/org/name[@revision]"
                 raise MergeflowError(f"params: {where}: {ref} is a {repo_type} ref, expected a {kind} ({want})")
             # a task option `subfolder` (one repo, a checkpoint per folder) fetches that folder only
-            r = hub.resolve(repo, repo_type, revision, offline=offline, subfolder=subfolder if isinstance(subfolder, str) else None)
+            r = hub.resolve(
+                repo, repo_type, revision, offline=offline, subfolder=subfolder if isinstance(subfolder, str) else None
+            )
             log(f"download: {ref} -> {r.commit}")
-            pin = {"ref": ref, "repo": r.repo, "repo_type": r.repo_type, "revision": r.revision, "commit": r.commit,
-                   "pinned_ref": r.pinned_ref}
+            pin = {
+                "ref": ref,
+                "repo": r.repo,
+                "repo_type": r.repo_type,
+                "revision": r.revision,
+                "commit": r.commit,
+                "pinned_ref": r.pinned_ref,
+            }
             return Source(ref, r.path, commit=r.commit), pin
         path = Path(ref).expanduser()
         if not path.exists():
@@ -129,4 +138,3 @@ def fingerprint(path: Path) -> str:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 h.update(block)
     return h.hexdigest()
-

@@ -1,5 +1,6 @@
 """evaluate: the task metric of the base, every expert and every method on each task's test split;
 metrics.json, per_task.csv and the plots."""
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,14 @@ def _eval_inputs(p: Params, lay: Layout):
     evaluate units that run in it (threads): images are decoded and resized once, not per model."""
     tasks = tasks_of(p, lay)
     base_file = require(lay.checkpoints / "base", "download")
-    key = (str(lay.artifacts.resolve()), str(resolve_device(p.device)), p.evaluate.batch_size, p.evaluate.limit,
-           tuple(tasks), hashlib.sha256(lay.sources.read_bytes()).hexdigest())
+    key = (
+        str(lay.artifacts.resolve()),
+        str(resolve_device(p.device)),
+        p.evaluate.batch_size,
+        p.evaluate.limit,
+        tuple(tasks),
+        hashlib.sha256(lay.sources.read_bytes()).hexdigest(),
+    )
     with _EVAL_LOCK:
         if key not in _EVAL_INPUTS:
             _EVAL_INPUTS.clear()  # one workspace's inputs at a time
@@ -92,8 +99,17 @@ def run_unit(p: Params, lay: Layout, unit: str, work: Path, log: Log) -> dict:
     method = methods.get(unit)
     folder = require(lay.merged / unit, "merge")
     meta = json.loads(require(folder / "method.json", "merge").read_text())
-    job = EvalJob(tasks=tasks, folder=folder, meta=meta, base=base_sd, family=fam, data=data, seed=p.seed, score=score,
-                  models=lambda: (method.models or stored_models)(job))
+    job = EvalJob(
+        tasks=tasks,
+        folder=folder,
+        meta=meta,
+        base=base_sd,
+        family=fam,
+        data=data,
+        seed=p.seed,
+        score=score,
+        models=lambda: (method.models or stored_models)(job),
+    )
     rows = method.evaluate(job) if method.evaluate is not None else scored_rows(method, job)
     return {"storage": meta["storage_bytes"], "rows": rows}
 

@@ -1,4 +1,5 @@
 """extract: the task vectors tau_t = theta_t - theta_0 of every task, as float32 safetensors."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +9,7 @@ from mergeflow.params import Params
 from mergeflow.stages.layout import Layout, Log, noop, require, tasks_of
 from mergeflow.stages.units import Map, run_stage_units
 from mergeflow.vectors import extract_task_vector
+
 
 def run(p: Params, root: Path, log: Log = noop, map_units: Map | None = None) -> dict:
     """Task vectors tau_t = theta_t - theta_0 for every task, as float32 safetensors."""

@@ -1,5 +1,6 @@
 """The workspace a pipeline runs in: where each stage's artifacts live (the ``outs`` of dvc.yaml),
 the checks made before any work, and small helpers every stage uses."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,19 @@ from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.io.outputs import check_apart, check_replaceable, keep_tree, read_marker
 from mergeflow.params import Params
 
-__all__ = ["Log", "STAGES", "SWITCH_SUFFIX", "QUERIES_NAME", "Layout", "require", "tasks_of", "family_of",
-           "floating_params", "check_sources_apart", "preflight"]
+__all__ = [
+    "Log",
+    "STAGES",
+    "SWITCH_SUFFIX",
+    "QUERIES_NAME",
+    "Layout",
+    "require",
+    "tasks_of",
+    "family_of",
+    "floating_params",
+    "check_sources_apart",
+    "preflight",
+]
 
 Log = Callable[[str], None]
 STAGES = ("download", "extract", "compress", "merge", "evaluate")
@@ -120,7 +132,6 @@ def tasks_of(p: Params, lay: Layout) -> list[str]:
     return list(p.extract.tasks)
 
 
-
 def family_of(lay: Layout, device, batch_size: int = 256):
     """The model family that wrote the artifacts (sources.json), ready to evaluate."""
     from mergeflow.models import get_family
@@ -151,9 +162,9 @@ def preflight(p: Params, root: Path, names: tuple[str, ...] | list[str] = STAGES
     lay.claim(names)
     d = p.download
     if "download" in names and d.family is not None:
-        refs = [("download.base", d.base)] + [(f"download.tasks.{t}.{k}", spec.get(k)) for t, spec in d.tasks.items()
-                                              for k in ("model", "dataset")]
+        refs = [("download.base", d.base)] + [
+            (f"download.tasks.{t}.{k}", spec.get(k)) for t, spec in d.tasks.items() for k in ("model", "dataset")
+        ]
         for where, ref in refs:
             if isinstance(ref, str) and not ref.startswith("hf://") and Path(ref).expanduser().exists():
                 check_sources_apart(lay, ref, Path(ref).expanduser(), where)
-

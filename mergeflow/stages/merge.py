@@ -1,4 +1,5 @@
 """merge: every method of ``merge.methods``; a static one writes a checkpoint, a dynamic one its per-task forms."""
+
 from __future__ import annotations
 
 import tempfile
@@ -13,9 +14,9 @@ from mergeflow.io.atomic import write_json
 from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.merge import TaskVectors, merge_to_disk, resolve_device
 from mergeflow.params import Params
-from mergeflow.stages.layout import (QUERIES_NAME, SWITCH_SUFFIX, Layout, Log, family_of, floating_params, noop, require,
-                                     tasks_of)
+from mergeflow.stages.layout import QUERIES_NAME, SWITCH_SUFFIX, Layout, Log, family_of, floating_params, noop, require, tasks_of
 from mergeflow.stages.units import Map, run_stage_units
+
 
 def run(p: Params, root: Path, log: Log = noop, map_units: Map | None = None) -> dict:
     """Every method in ``merge.methods``; static ones write a checkpoint, dynamic ones per-task forms."""
@@ -34,14 +35,20 @@ def run_unit(p: Params, lay: Layout, name: str, work: Path, log: Log) -> dict:
     device = resolve_device(p.device)
     with tempfile.TemporaryDirectory(dir=work, prefix=".exemplars-") as tmp:
         job = MergeJob(
-            tasks=tasks, base=base, hp=p.hyper(name), dst=dst, device=device,
+            tasks=tasks,
+            base=base,
+            hp=p.hyper(name),
+            dst=dst,
+            device=device,
             vector=lambda t: require(lay.vectors / f"{t}.safetensors", "extract"),
             switch=lambda t: require(lay.switches / f"{t}{SWITCH_SUFFIX}", "compress"),
             queries=lambda: require(lay.switches / QUERIES_NAME, "compress"),
-            merge=lambda m, sources, hp, data=None: merge_to_disk(m, base, sources, hp, dst, device,
-                                                                  metadata={"tasks": ",".join(tasks)}, data=data),
+            merge=lambda m, sources, hp, data=None: merge_to_disk(
+                m, base, sources, hp, dst, device, metadata={"tasks": ",".join(tasks)}, data=data
+            ),
             layer_inputs=lambda n: exemplar_stats(p, lay, tasks, n, base.names(), Path(tmp), log),
-            log=log)
+            log=log,
+        )
         storage, info = (method.write or default_write)(method, job)
     meta = {"method": name, "dynamic": method.dynamic, "tasks": tasks, "storage_bytes": storage, **info}
     write_json(dst / "method.json", meta)
@@ -61,8 +68,7 @@ def default_write(method: methods.Method, job: MergeJob) -> tuple[int, dict]:
     return storage, {"store": "checkpoint" if not method.dynamic else "checkpoints", **job.hp}
 
 
-def exemplar_stats(p: Params, lay: Layout, tasks: list[str], n: int, names: list[str], folder: Path,
-                   log: Log = noop) -> list:
+def exemplar_stats(p: Params, lay: Layout, tasks: list[str], n: int, names: list[str], folder: Path, log: Log = noop) -> list:
     """Per task, the layer-input statistics of its expert on ``n`` of its train rows (the rows
     Auto-Switch's queries would take: seeded by ``seed`` and the task's position), written to
     ``folder`` one task at a time and read back lazily (``features.StatsFile``): the merge then

@@ -9,6 +9,7 @@ loaded by name (``mergeflow.stages.units``), so one stage's code never includes 
 ``mergeflow run`` (tasks/cache.py) and ``dvc repro`` (dvc.yaml's ``deps``) both use this table,
 so they agree on what is stale. ``python -m mergeflow.stages.spec`` rewrites dvc.yaml.
 """
+
 from __future__ import annotations
 
 import ast
@@ -34,10 +35,12 @@ SPEC: dict[str, StageSpec] = {
     "download": StageSpec(("seed", "download"), ()),
     "extract": StageSpec(("extract",), ("checkpoints", "sources")),
     "compress": StageSpec(("seed", "device", "extract", "compress"), ("vectors", "checkpoints", "heads", "data", "sources")),
-    "merge": StageSpec(("seed", "device", "extract", "merge"),
-                       ("checkpoints", "heads", "data", "vectors", "switches", "sources")),
-    "evaluate": StageSpec(("seed", "device", "extract", "merge", "evaluate"),
-                          ("checkpoints", "heads", "data", "switches", "merged", "sources")),
+    "merge": StageSpec(
+        ("seed", "device", "extract", "merge"), ("checkpoints", "heads", "data", "vectors", "switches", "sources")
+    ),
+    "evaluate": StageSpec(
+        ("seed", "device", "extract", "merge", "evaluate"), ("checkpoints", "heads", "data", "switches", "merged", "sources")
+    ),
 }
 assert tuple(SPEC) == STAGES
 
@@ -54,6 +57,7 @@ def upstream(stage: str) -> list[str]:
 
 
 # --- code ---------------------------------------------------------------------------------
+
 
 def _file(module: str) -> Path | None:
     rel = Path(*module.split(".")[1:])
@@ -151,9 +155,11 @@ def dvc_yaml() -> str:
     def rel(p: Path) -> str:
         return p.as_posix()
 
-    lines = ["# Generated from mergeflow/stages/spec.py (python -m mergeflow.stages.spec): edit the table there.",
-             "# The same stages the Prefect flow runs (`mergeflow run`); `dvc repro` reruns only what changed.",
-             "stages:"]
+    lines = [
+        "# Generated from mergeflow/stages/spec.py (python -m mergeflow.stages.spec): edit the table there.",
+        "# The same stages the Prefect flow runs (`mergeflow run`); `dvc repro` reruns only what changed.",
+        "stages:",
+    ]
     for stage in STAGES:
         lines += [f"  {stage}:", f"    cmd: mergeflow stage {stage}", "    deps:"]
         lines += [f"      - {rel(p)}" for p in reads(stage, lay)]

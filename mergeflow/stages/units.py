@@ -8,6 +8,7 @@ Each stage module (``mergeflow.stages.<stage>``) defines ``run``, and, when it h
 log)``. Stage modules are imported by name here, so a stage's code is only its own module and
 what it imports (``mergeflow.stages.spec`` computes that set).
 """
+
 from __future__ import annotations
 
 import importlib

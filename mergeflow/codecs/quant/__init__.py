@@ -6,6 +6,7 @@ task's quantised vector) and ``residual`` (a shared base plus per-task offsets).
 ``QuantReader`` (one tensor at a time) and the writers from task-vector checkpoints.
 Specification: docs/quant-format.md.
 """
+
 from mergeflow.codecs.quant.files import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -42,8 +43,37 @@ from mergeflow.codecs.quant.arithmetic import (
 from mergeflow.codecs.quant.streaming import QuantReader, QuantView, save_rtvq_from, save_tvq_from
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "KINDS", "MAX_BITS", "MIN_BITS", "PER_TASK", "RANGE_BYTES", "RESIDUAL", "RTVQ",
-    "QTensor", "QuantReader", "QuantStats", "QuantView", "RTVQFile", "TVQFile", "check_bits", "dequantise",
-    "load_rtvq", "load_tvq", "pack", "qdq", "quant_stats", "quantise", "rtvq_bytes", "rtvq_dequantise", "rtvq_qdq",
-    "rtvq_quantise", "save_rtvq", "save_rtvq_from", "save_tvq", "save_tvq_from", "tvq_bytes", "unpack",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "KINDS",
+    "MAX_BITS",
+    "MIN_BITS",
+    "PER_TASK",
+    "RANGE_BYTES",
+    "RESIDUAL",
+    "RTVQ",
+    "QTensor",
+    "QuantReader",
+    "QuantStats",
+    "QuantView",
+    "RTVQFile",
+    "TVQFile",
+    "check_bits",
+    "dequantise",
+    "load_rtvq",
+    "load_tvq",
+    "pack",
+    "qdq",
+    "quant_stats",
+    "quantise",
+    "rtvq_bytes",
+    "rtvq_dequantise",
+    "rtvq_qdq",
+    "rtvq_quantise",
+    "save_rtvq",
+    "save_rtvq_from",
+    "save_tvq",
+    "save_tvq_from",
+    "tvq_bytes",
+    "unpack",
 ]

@@ -8,6 +8,7 @@ dequantised base. ``tvq_bytes`` / ``rtvq_bytes``: what a tensor costs stored.
 
 The formulas, rounding, bit order and storage figures: docs/quant-format.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,8 @@ def _codes(flat: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tensor:
         return out
     scale = levels / (hi - lo)
     for s in range(0, flat.numel(), _CHUNK):
-        t = torch.sub(flat[s:s + _CHUNK].double(), lo).mul_(scale).round_().clamp_(0, levels)  # never in place on the input
-        out[s:s + _CHUNK] = t.to(torch.uint8)
+        t = torch.sub(flat[s : s + _CHUNK].double(), lo).mul_(scale).round_().clamp_(0, levels)  # never in place on the input
+        out[s : s + _CHUNK] = t.to(torch.uint8)
     return out
 
 
@@ -85,7 +86,7 @@ def _values(codes: torch.Tensor, bits: int, lo: float, hi: float) -> torch.Tenso
     span = hi - lo  # exact in float64 for float32 ends of similar exponent
     out = torch.empty(codes.numel(), dtype=torch.float32, device=codes.device)
     for s in range(0, codes.numel(), _CHUNK):
-        out[s:s + _CHUNK] = codes[s:s + _CHUNK].double().mul_(span).div_(levels).add_(lo)
+        out[s : s + _CHUNK] = codes[s : s + _CHUNK].double().mul_(span).div_(levels).add_(lo)
     return out
 
 
@@ -100,12 +101,12 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     out = torch.zeros((n * bits + 7) // 8, dtype=torch.uint8, device=codes.device)
     shifts = torch.arange(8, dtype=torch.uint8, device=codes.device)
     for s in range(0, n, _CHUNK):  # chunks of a multiple of 8 codes start on a byte boundary
-        c = codes[s:s + _CHUNK]
+        c = codes[s : s + _CHUNK]
         stream = ((c.unsqueeze(1) >> shifts[:bits]) & 1).reshape(-1)
         stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8))
         byte_bits = stream.reshape(-1, 8) << shifts
         start = s * bits // 8
-        out[start:start + byte_bits.shape[0]] = byte_bits.sum(1, dtype=torch.int32).to(torch.uint8)
+        out[start : start + byte_bits.shape[0]] = byte_bits.sum(1, dtype=torch.int32).to(torch.uint8)
     return out
 
 
@@ -121,9 +122,9 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     for s in range(0, n, _CHUNK):
         m = min(_CHUNK, n - s)
         start = s * bits // 8
-        chunk = packed[start:start + (m * bits + 7) // 8]
-        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)[:m * bits].reshape(m, bits)
-        out[s:s + m] = (stream << shifts[:bits]).sum(1, dtype=torch.int32).to(torch.uint8)
+        chunk = packed[start : start + (m * bits + 7) // 8]
+        stream = ((chunk.unsqueeze(1) >> shifts) & 1).reshape(-1)[: m * bits].reshape(m, bits)
+        out[s : s + m] = (stream << shifts[:bits]).sum(1, dtype=torch.int32).to(torch.uint8)
     return out
 
 
@@ -190,6 +191,7 @@ def rtvq_qdq(taus: Sequence[torch.Tensor], base_bits: int = 3, offset_bits: int 
 
 
 # --- stored size -------------------------------------------------------------------------------
+
 
 def tvq_bytes(numel: int, bits: int) -> int:
     """Stored bytes of one quantised tensor: ceil(numel * bits / 8) + 8 (min and max)."""

@@ -7,6 +7,7 @@ says what the file holds: ``per_task`` (one task's quantised task vector) or ``r
 after the merging methods, are still read: their kind is taken from their layout. Bad input
 raises MergeflowError before any write; a bad file, one naming it. Spec: docs/quant-format.md.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,6 +70,7 @@ class RTVQFile:
 
 # --- writing -----------------------------------------------------------------------------------
 
+
 def _check_entries(entries: list[tuple[Any, str, QTensor]], metadata: Mapping[str, str]) -> None:
     for part, name, q in entries:
         if not isinstance(name, str):
@@ -81,15 +83,18 @@ def _check_entries(entries: list[tuple[Any, str, QTensor]], metadata: Mapping[st
         if float(np.float32(q.min)) != q.min or float(np.float32(q.max)) != q.max:
             raise MergeflowError(f"quantised tensor {name}: range {q.min} .. {q.max} is not float32 values")
         if q.packed.dtype != torch.uint8 or q.packed.numel() != (q.numel * q.bits + 7) // 8:
-            raise MergeflowError(f"quantised tensor {name}: {q.packed.numel()} packed {q.packed.dtype} values, "
-                                 f"expected {(q.numel * q.bits + 7) // 8} uint8")
+            raise MergeflowError(
+                f"quantised tensor {name}: {q.packed.numel()} packed {q.packed.dtype} values, "
+                f"expected {(q.numel * q.bits + 7) // 8} uint8"
+            )
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise MergeflowError(f"quantised file metadata {key!r}: keys and values must be strings")
 
 
-def _save(path: str | os.PathLike, kind: str, entries: list[tuple[Any, str, QTensor]], extra: dict,
-          metadata: Mapping[str, str] | None) -> QuantStats:
+def _save(
+    path: str | os.PathLike, kind: str, entries: list[tuple[Any, str, QTensor]], extra: dict, metadata: Mapping[str, str] | None
+) -> QuantStats:
     metadata = dict(metadata or {})
     _check_entries(entries, metadata)
     packed = [q.packed.detach().reshape(-1).cpu() for _, _, q in entries]
@@ -100,8 +105,10 @@ def _save(path: str | os.PathLike, kind: str, entries: list[tuple[Any, str, QTen
     index = {
         "kind": kind,
         **extra,
-        "tensors": [{"part": part, "name": name, "shape": list(q.shape), "bits": q.bits, "bytes": q.packed.numel()}
-                    for part, name, q in entries],
+        "tensors": [
+            {"part": part, "name": name, "shape": list(q.shape), "bits": q.bits, "bytes": q.packed.numel()}
+            for part, name, q in entries
+        ],
         "metadata": metadata,
         "writer": f"mergeflow {__version__}",
     }
@@ -115,8 +122,12 @@ def save_tvq(path: str | os.PathLike, tensors: Mapping[str, QTensor], metadata: 
     return _save(path, PER_TASK, [("task", name, q) for name, q in tensors.items()], {}, metadata)
 
 
-def save_rtvq(path: str | os.PathLike, base: Mapping[str, QTensor], offsets: Sequence[Mapping[str, QTensor]],
-              metadata: Mapping[str, str] | None = None) -> QuantStats:
+def save_rtvq(
+    path: str | os.PathLike,
+    base: Mapping[str, QTensor],
+    offsets: Sequence[Mapping[str, QTensor]],
+    metadata: Mapping[str, str] | None = None,
+) -> QuantStats:
     """Write a residual set (the base and every task's offsets, one ``residual`` file) to ``path``
     atomically. Every task must have an offset for exactly the base's tensors, of the same shapes."""
     for t, off in enumerate(offsets):
@@ -125,14 +136,16 @@ def save_rtvq(path: str | os.PathLike, base: Mapping[str, QTensor], offsets: Seq
             raise MergeflowError(f"rtvq offsets of task {t}: tensor {missing} is not in both the base and the offsets")
         for name, q in off.items():
             if tuple(q.shape) != tuple(base[name].shape):
-                raise MergeflowError(f"rtvq offsets of task {t}: tensor {name} has shape {list(q.shape)}, "
-                                     f"the base {list(base[name].shape)}")
+                raise MergeflowError(
+                    f"rtvq offsets of task {t}: tensor {name} has shape {list(q.shape)}, the base {list(base[name].shape)}"
+                )
     entries: list[tuple[Any, str, QTensor]] = [("base", name, q) for name, q in base.items()]  # part: "base" or a task
     entries += [(t, name, off[name]) for t, off in enumerate(offsets) for name in base]
     return _save(path, RESIDUAL, entries, {"n_tasks": len(offsets)}, metadata)
 
 
 # --- reading -----------------------------------------------------------------------------------
+
 
 def open_quant_index(path: str | os.PathLike, f: Any) -> dict:
     """The validated index of an open file (``f`` from ``safe_open``), its ``kind`` one of
@@ -164,7 +177,7 @@ def _load(path: str | os.PathLike) -> tuple[dict, list[tuple[Any, str, QTensor]]
                     check_bits(bits)
                     if not lo <= hi:
                         raise ValueError(f"bad range {lo} .. {hi}")
-                    q = QTensor(payload[index["offsets"][i]:index["offsets"][i + 1]].clone(), shape, bits, lo, hi)
+                    q = QTensor(payload[index["offsets"][i] : index["offsets"][i + 1]].clone(), shape, bits, lo, hi)
                     unpack(q.packed, bits, q.numel)  # sizes and padding
                 except (KeyError, TypeError, ValueError, MergeflowError) as e:
                     raise _fail(path, f"tensor {name}: cannot decode ({type(e).__name__}: {e})") from None
@@ -209,8 +222,7 @@ def load_rtvq(path: str | os.PathLike) -> RTVQFile:
 def _stats(entries: list[dict], file_bytes: int) -> QuantStats:
     n = sum(math.prod(e["shape"]) for e in entries)
     payload = sum(int(e["bytes"]) + RANGE_BYTES for e in entries)
-    return QuantStats(n_params=n, payload_bytes=payload, file_bytes=file_bytes,
-                      bits_per_param=8 * payload / n if n else 0.0)
+    return QuantStats(n_params=n, payload_bytes=payload, file_bytes=file_bytes, bits_per_param=8 * payload / n if n else 0.0)
 
 
 def quant_stats(path: str | os.PathLike) -> QuantStats:

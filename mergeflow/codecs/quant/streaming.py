@@ -5,6 +5,7 @@ For a merge over a model too big to decode whole: the reader verifies every chec
 (the payload's in a stream), then decodes only the bytes of the tensor asked for; the writers
 quantise checkpoint tensor by tensor. The format: ``mergeflow.codecs.quant.files``.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,11 +44,12 @@ class QuantReader:
             self._payload = self._f.get_slice("payload")
             n = self._payload.get_shape()[0] if self._payload.get_shape() else 0
             if self._payload.get_dtype() != "U8" or n != self.index["offsets"][-1]:
-                raise _fail(path, f"payload has {n} {self._payload.get_dtype()} values, the index says "
-                                  f"{self.index['offsets'][-1]} bytes")
+                raise _fail(
+                    path, f"payload has {n} {self._payload.get_dtype()} values, the index says {self.index['offsets'][-1]} bytes"
+                )
             crc = 0
             for a in range(0, n, _CRC_CHUNK):
-                crc = zlib.crc32(raw(self._payload[a:a + _CRC_CHUNK]), crc)
+                crc = zlib.crc32(raw(self._payload[a : a + _CRC_CHUNK]), crc)
             if crc != self.index["crc32"].get("payload"):
                 raise _fail(path, "tensor payload: checksum mismatch (corrupt file)")
         except MergeflowError:
@@ -121,8 +123,9 @@ def _floating(vectors: Sequence[Any]) -> list[str]:
     return names
 
 
-def save_tvq_from(vectors: Sequence[Any], bits: int, out_dir: str | os.PathLike, stems: Sequence[str],
-                  metadata: Mapping[str, str] | None = None) -> list[QuantStats]:
+def save_tvq_from(
+    vectors: Sequence[Any], bits: int, out_dir: str | os.PathLike, stems: Sequence[str], metadata: Mapping[str, str] | None = None
+) -> list[QuantStats]:
     """Quantise each task-vector checkpoint (``mergeflow.io.Checkpoint``) tensor by tensor and
     write ``out_dir/<stem>.tvq``; holds one task's codes at a time. Returns each file's stats."""
     check_bits(bits)
@@ -134,8 +137,9 @@ def save_tvq_from(vectors: Sequence[Any], bits: int, out_dir: str | os.PathLike,
     return out
 
 
-def save_rtvq_from(vectors: Sequence[Any], base_bits: int, offset_bits: int, path: str | os.PathLike,
-                   metadata: Mapping[str, str] | None = None) -> QuantStats:
+def save_rtvq_from(
+    vectors: Sequence[Any], base_bits: int, offset_bits: int, path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> QuantStats:
     """RTVQ of the task-vector checkpoints, one tensor at a time (the tasks of a tensor together),
     written to ``path``; holds the codes only (base_bits + n_tasks * offset_bits per entry)."""
     names = _floating(vectors)
