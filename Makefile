@@ -27,7 +27,11 @@ $(VENV)/.installed: pyproject.toml
 run: setup  ## the whole pipeline on the built-in zoo, results table at the end
 	$(BIN)/mergeflow run
 
+# PYTHONDONTWRITEBYTECODE is set on these machines: without the project's bytecode compiled
+# beforehand, each of the suite's dozens of mergeflow/dvc-stage/worker processes compiles it
+# again (~0.8 s each); compileall only rewrites what changed
 test: setup  ## the test suite
+	$(BIN)/python -m compileall -q -j 0 mergeflow tasks flows >/dev/null
 	$(BIN)/python -m pytest -q
 
 lint: setup  ## static checks (ruff), run by CI before the tests

@@ -485,6 +485,8 @@ def _process(argv: list, cwd: Path, env: dict | None = None) -> subprocess.Compl
                           timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", ["raw-pickle-bin", "merge-set-unparsable", "merge-no-models", "merge-out-foreign-dir",
                                   "run-empty-params"])
 def test_as_a_process_stderr_is_one_line(world, case):

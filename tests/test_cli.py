@@ -130,6 +130,8 @@ def test_nan_input_names_tensor(models, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(60)
 def test_console_script_exit_status(tmp_path):
     """The installed entry point: non-zero exit and one line on stderr."""
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "merge", "--method", "x", "--base", str(tmp_path / "none"),

@@ -498,6 +498,8 @@ def test_adapters_and_full_models_do_not_mix(hub, tmp_path):
 # --- the whole pipeline -----------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_preset_runs_every_stage_offline(hub, tmp_path, prefect_server, mode):
     """`mergeflow run --params <the causal-LM preset>` with tiny cached names, no network."""

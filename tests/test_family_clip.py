@@ -311,6 +311,8 @@ def test_local_folders_work_the_same(hub, tmp_path):
 
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(120)
 def test_preset_runs_every_stage_offline(hub, tmp_path, prefect_server):
     """Done-when: `mergeflow run --params <the CLIP preset>` with tiny cached names, no network."""
     from typer.testing import CliRunner
@@ -345,6 +347,8 @@ def test_preset_runs_every_stage_offline(hub, tmp_path, prefect_server):
     assert "download" in status and "changed" in status
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(120)
 def test_run_fails_in_download_on_a_missing_cache_entry(hub, tmp_path, prefect_server):
     """Done-when: offline, a missing cache entry stops `mergeflow run` in the download stage, one line."""
     from typer.testing import CliRunner
@@ -362,6 +366,8 @@ def test_run_fails_in_download_on_a_missing_cache_entry(hub, tmp_path, prefect_s
     assert not (ws / "artifacts/checkpoints").exists() and not (ws / "artifacts/sources.json").exists()
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(120)
 def test_scheduled_rerun_skips_unless_upstream_moved(hub, tmp_path, prefect_server):
     """A rerun with nothing changed upstream does no stage work; a moved branch reruns the download."""
     from typer.testing import CliRunner

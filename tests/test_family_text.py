@@ -468,6 +468,8 @@ def test_mismatched_body_is_one_line_error(hub, tmp_path):
 # --- the whole pipeline ------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(120)
 def test_preset_runs_every_stage_offline(hub, tmp_path, prefect_server):
     """`mergeflow run --params <the RoBERTa preset>` with tiny cached names, no network."""
     from typer.testing import CliRunner

@@ -17,19 +17,28 @@ from mergeflow.errors import MergeflowError
 from mergeflow.io.lock import clean_stale, workspace_lock
 from tests.hfcache import pipeline_workspace, sh, small_zoo_params
 
-def small_params(**run) -> dict:
+# orchestration only (locks, resume): a static merge, a trimmed one, the switches and the routed one
+METHODS = ["task_arithmetic", "ties", "tswitch", "autoswitch"]
+
+
+def small_params(*, slow_evaluate: bool = False, **run) -> dict:
     params = small_zoo_params(**run)
-    params["evaluate"]["batch_size"] = 1  # a few seconds of evaluate: time to kill it mid-stage
+    params["merge"]["methods"] = METHODS
+    if slow_evaluate:
+        params["evaluate"]["batch_size"] = 1  # a few seconds of evaluate: time to kill it mid-stage
     return params
 
 
 class Run:
-    """``mergeflow run --no-track`` in a subprocess of its own process group, its output collected."""
+    """``mergeflow run --no-track`` in a subprocess of its own process group, its output collected;
+    on the Prefect server at ``api_url``, else on a temporary one of its own (a run's default)."""
 
-    def __init__(self, ws: Path):
+    def __init__(self, ws: Path, api_url: str | None = None):
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                    PREFECT_LOGGING_LEVEL="INFO")
-        env.pop("PREFECT_API_URL", None)  # its own temporary server
+        env.pop("PREFECT_API_URL", None)
+        if api_url:
+            env["PREFECT_API_URL"] = api_url
         self.proc = subprocess.Popen([str(Path(sys.executable).parent / "mergeflow"), "run", "--no-track"], cwd=ws, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self.lines: list[str] = []
@@ -68,22 +77,44 @@ def artifact_digests(ws: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run's artifacts."""
-    ws = pipeline_workspace(tmp_path_factory.mktemp("ref") / "ws", small_params())
-    run = Run(ws)
-    assert run.finish() == 0, run.output[-3000:]
-    return artifact_digests(ws)
+def api_url(prefect_server) -> str:
+    """The session's Prefect server: runs that don't test the temporary server skip starting one."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
 
 
-def test_killed_mid_stage_resumes_without_recomputing(reference, tmp_path):
-    """SIGKILL during evaluate; the rerun skips download..merge and ends with the same artifacts."""
-    ws = pipeline_workspace(tmp_path / "ws", small_params())
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, api_url) -> tuple[Path, list[Run], dict[str, str]]:
+    """Two real runs started together on one workspace, and the artifacts they leave: the one
+    that takes the lock runs uninterrupted, the other finds every stage done."""
+    ws = pipeline_workspace(tmp_path_factory.mktemp("two") / "ws", small_params(slow_evaluate=True))
+    runs = [Run(ws, api_url), Run(ws, api_url)]
+    for run in runs:
+        assert run.finish() == 0, run.output[-3000:]
+    return ws, runs, artifact_digests(ws)
+
+
+@pytest.fixture(scope="module")
+def reference(two_runs) -> dict[str, str]:
+    """An uninterrupted run's artifacts (the same params as the killed run's)."""
+    return two_runs[2]
+
+
+@pytest.mark.server
+@pytest.mark.subprocess
+@pytest.mark.timeout(240)
+def test_killed_mid_stage_resumes_without_recomputing(reference, tmp_path, api_url):
+    """SIGKILL during evaluate, the run and its temporary Prefect server (no server given, as a
+    user's first `mergeflow run`: the suite's one run on a temporary server); the rerun skips
+    download..merge and ends with the same artifacts as an uninterrupted run."""
+    ws = pipeline_workspace(tmp_path / "ws", small_params(slow_evaluate=True))
     run = Run(ws)
     run.wait_for("evaluate: running")
+    assert "Starting temporary server" in run.output, run.output[-3000:]
     run.kill()
     assert not (ws / "artifacts/eval/metrics.json").exists()  # evaluate never finished
-    rerun = Run(ws)
+    rerun = Run(ws, api_url)
     assert rerun.finish() == 0, rerun.output[-3000:]
     for stage in ("download", "extract", "compress", "merge"):
         assert f"{stage}: cached" in rerun.output, rerun.output[-3000:]
@@ -92,12 +123,15 @@ def test_killed_mid_stage_resumes_without_recomputing(reference, tmp_path):
     assert not [p for p in (ws / "artifacts").rglob(".*") if p.name not in (".gitignore", ".mergeflow-output")]  # no leftovers
 
 
-def test_second_run_waits_for_the_first(tmp_path):
+@pytest.mark.server
+@pytest.mark.subprocess
+@pytest.mark.timeout(180)
+def test_second_run_waits_for_the_first(tmp_path, api_url):
     """Two runs on one workspace: the second waits for the workspace, then ends correctly."""
     ws = pipeline_workspace(tmp_path / "ws", small_params(dvc_remote="team"))
     sh([sys.executable, "-m", "dvc", "remote", "add", "team", str(tmp_path / "remote")], ws)
     with workspace_lock(ws):  # stands in for a first run holding the workspace
-        run = Run(ws)
+        run = Run(ws, api_url)
         run.wait_for("is in use by another run")
         time.sleep(1.0)
         assert run.proc.poll() is None and not (ws / "artifacts").exists()  # waiting, nothing written
@@ -121,14 +155,14 @@ def test_tracking_uri_from_params_then_environment(tmp_path, monkeypatch):
     assert tracking_uri(tmp_path, validate({"run": {"tracking_uri": "http://127.0.0.1:5001"}})) == "http://127.0.0.1:5001"
 
 
-def test_two_runs_at_once_both_end_correctly(tmp_path):
+@pytest.mark.server
+@pytest.mark.subprocess
+@pytest.mark.timeout(240)
+def test_two_runs_at_once_both_end_correctly(two_runs):
     """Two real runs started together on one workspace: one takes the lock and does the work, the
     other waits for it, then finds every stage done (all cached); both exit 0 and the outputs are
     whole (DVC agrees)."""
-    ws = pipeline_workspace(tmp_path / "ws", small_params())
-    runs = [Run(ws), Run(ws)]
-    for run in runs:
-        assert run.finish() == 0, run.output[-3000:]
+    ws, runs, _ = two_runs
     waited = [run for run in runs if "is in use by another run" in run.output]
     assert len(waited) == 1, [run.output[-1500:] for run in runs]
     worked = runs[1 - runs.index(waited[0])]
@@ -138,10 +172,13 @@ def test_two_runs_at_once_both_end_correctly(tmp_path):
     assert json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], ws) or "{}") == {}
 
 
-def test_second_run_refuses_clearly(tmp_path):
+@pytest.mark.server
+@pytest.mark.subprocess
+@pytest.mark.timeout(120)
+def test_second_run_refuses_clearly(tmp_path, api_url):
     ws = pipeline_workspace(tmp_path / "ws", small_params(lock="refuse"))
     with workspace_lock(ws):
-        run = Run(ws)
+        run = Run(ws, api_url)
         assert run.finish(timeout=120) == 2
     errors = [line for line in run.output.splitlines() if line.startswith("mergeflow: error:")]
     assert len(errors) == 1 and "workspace in use by another mergeflow run (pid " in errors[0], run.output[-2000:]
@@ -154,6 +191,8 @@ def _hold(root: str, ready, release) -> None:
         release.wait(30)
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(120)
 def test_lock_between_processes(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()
@@ -177,6 +216,8 @@ def test_lock_between_processes(tmp_path):
         assert json.loads((tmp_path / ".mergeflow/run.owner.json").read_text())["pid"] == os.getpid()
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(120)
 def test_killed_holder_releases_the_lock(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     ready, release = ctx.Event(), ctx.Event()

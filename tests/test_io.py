@@ -339,6 +339,8 @@ def test_close_context_and_pickle(tmp_path):
     clone.close()
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(60)
 def test_peak_memory_is_one_tensor_not_the_file(tmp_path):
     """Reading every tensor of a 64 MiB file keeps peak RSS near one 4 MiB tensor."""
     f = tmp_path / "big.safetensors"
@@ -419,6 +421,8 @@ def test_hf_ref_errors(offline_hub):
             resolve_ref(ref)
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(60)
 def test_saved_safetensors_are_byte_identical_across_processes(tmp_path):
     """safetensors orders metadata by hash map; save_tensors makes the header canonical."""
     import subprocess

@@ -42,6 +42,8 @@ def remote_and_source(tmp_path):
     return remote, src, hashes, tr.empty_dirs(src, outs)
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(60)
 def test_pushed_outputs_come_back_whole(remote_and_source, tmp_path):
     remote, src, hashes, dirs = remote_and_source
     assert set(hashes) == {"artifacts/merged", "artifacts/sources.json"}
@@ -61,6 +63,8 @@ def test_pushed_outputs_come_back_whole(remote_and_source, tmp_path):
     assert (dst / "artifacts" / "merged" / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(60)
 def test_worker_copy_pulls_only_what_changed(remote_and_source, tmp_path):
     remote, src, hashes, dirs = remote_and_source
     stamps = {"download": {"fingerprint": "f", "outs": "o", "summary": {}, "pid": 1}}
@@ -79,6 +83,8 @@ def test_worker_copy_pulls_only_what_changed(remote_and_source, tmp_path):
     assert f.read_bytes() == (src / "artifacts" / "merged" / "a.safetensors").read_bytes()
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(60)
 def test_a_hash_the_remote_lacks_is_one_line(remote_and_source, tmp_path, monkeypatch):
     remote, _, hashes, _ = remote_and_source
     monkeypatch.setattr(tr, "RETRY_DELAYS", ())
@@ -91,6 +97,8 @@ def test_a_hash_the_remote_lacks_is_one_line(remote_and_source, tmp_path, monkey
     assert not (dst / "artifacts" / "merged").exists() and _dotfiles(dst / "artifacts") == [MARKER]
 
 
+@pytest.mark.subprocess
+@pytest.mark.timeout(60)
 def test_remote_url_is_resolved_and_a_missing_remote_named(tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()
