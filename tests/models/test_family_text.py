@@ -21,7 +21,7 @@ import yaml
 from mergeflow.errors import MergeflowError
 from tests.hfcache import add_folder, pipeline_workspace, reported_rows, sh
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "presets" / "roberta-glue.yaml"
 WORDS = ("the cat dog sat ran on in a park mat quick brown fox lazy men play guitar is this sentence "
          "good bad very not two woman eats food man reads book").split()

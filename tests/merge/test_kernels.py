@@ -11,7 +11,7 @@ from mergeflow import kernels, methods
 from mergeflow.io.checkpoint import Checkpoint
 from mergeflow.merge import ReadBuffers, TaskVectors, merge, merge_to_disk
 from mergeflow.methods.ties import disjoint_mean, trim
-from tests.test_engine import save_dir
+from tests.merge.test_engine import save_dir
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba kernels unavailable")
 

@@ -581,7 +581,7 @@ def test_pipeline_merge_writes_the_codec_and_merges_from_it(checkpoints, tmp_pat
     for t, p in zip(tasks, ft):
         extract_task_vector(Checkpoint(ck), Checkpoint(p), lay.vectors / f"{t}.safetensors", {"task": t})
     lay.sources.write_text(json.dumps({"source": "test", "tasks": tasks}))
-    params = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
     params["device"] = "cpu"
     params["merge"]["methods"] = [method]
     params["merge"][method] = hp

@@ -19,7 +19,7 @@ import yaml
 from mergeflow.errors import MergeflowError
 from tests.hfcache import add_folder, pipeline_workspace, reported_rows, sh
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "presets" / "clip-vit-b32.yaml"
 TASKS = {"mnist": ["0", "1", "2"], "eurosat": ["annual_crop", "forest", "river", "sea_lake"]}
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from mergeflow.errors import MergeflowError
 from tests.hfcache import pipeline_workspace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SMALL_ZOO = {"n_tasks": 2, "max_samples": 300, "hidden_size": 32, "num_layers": 2, "intermediate_size": 64,
              "pretrain_epochs": 2, "finetune_epochs": 2}

@@ -8,7 +8,7 @@ import yaml
 
 from mergeflow.stages import STAGES, spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rel(files) -> set[str]:

@@ -19,7 +19,7 @@ import yaml
 from mergeflow.errors import MergeflowError
 from tests.hfcache import add_folder, pipeline_workspace, reported_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "presets" / "causal-lm.yaml"
 EOS = "<|endoftext|>"
 BLOCK = 16

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 # session's Prefect server (marked `server` by conftest)
 pytestmark = pytest.mark.subprocess
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL_ZOO = {"n_tasks": 2, "max_samples": 500, "hidden_size": 32, "num_layers": 2, "intermediate_size": 64,
              "pretrain_epochs": 4, "finetune_epochs": 3}
 
