@@ -34,8 +34,10 @@ test: setup  ## the test suite
 	$(BIN)/python -m compileall -q -j 0 mergeflow tasks flows >/dev/null
 	$(BIN)/python -m pytest -q
 
-lint: setup  ## static checks (ruff), run by CI before the tests
+lint: setup  ## static checks (ruff check, ruff format, mypy), run by CI before the tests
 	$(BIN)/ruff check mergeflow tasks flows tests bench
+	$(BIN)/ruff format --check mergeflow tasks flows tests bench
+	$(BIN)/mypy mergeflow tasks flows
 
 repro: setup  ## the same stages through DVC
 	$(BIN)/dvc repro

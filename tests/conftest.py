@@ -1,4 +1,5 @@
 """Test set-up: no network, no GPU, temporary Prefect home, analytics off."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """Hugging Face cache layouts for offline tests: folders saved with ``save_pretrained`` or
 ``Dataset.to_parquet`` become ``hf://`` repos that huggingface_hub resolves with HF_HUB_OFFLINE=1."""
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,15 @@ def pipeline_workspace(ws, params: dict) -> Path:
     return ws
 
 
-SMALL_ZOO = {"n_tasks": 2, "max_samples": 400, "hidden_size": 32, "num_layers": 2, "intermediate_size": 64,
-             "pretrain_epochs": 3, "finetune_epochs": 2}
+SMALL_ZOO = {
+    "n_tasks": 2,
+    "max_samples": 400,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "intermediate_size": 64,
+    "pretrain_epochs": 3,
+    "finetune_epochs": 2,
+}
 
 
 def small_zoo_params(**run) -> dict:
@@ -89,4 +97,6 @@ def small_zoo_params(**run) -> dict:
 
 def reported_rows(methods: list[str]) -> set[str]:
     """The rows metrics.json has for these methods: Auto-Switch has one per routing mode."""
-    return {r for m in methods for r in ([f"autoswitch_{mode}" for mode in ("batch", "sample", "hard")] if m == "autoswitch" else [m])}
+    return {
+        r for m in methods for r in ([f"autoswitch_{mode}" for mode in ("batch", "sample", "hard")] if m == "autoswitch" else [m])
+    }

@@ -1,4 +1,5 @@
 """Auto-Switch routing against hand-built cases and an independent brute-force reference."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,13 @@ def test_hand_built_neighbours():
     q = qs(HAND_POINTS, HAND_LABELS)
     # from (6, 0): (10,0)=4 t1, (10,1)=sqrt17 t1, (1,0)=5 t0, (0,0)=6 t0, (0,1)=sqrt37 t0, (0,10) t2
     x = torch.tensor([[6.0, 0.0]])
-    expected = {2: [0, 1, 0], 3: [Fraction(1, 3), Fraction(2, 3), 0], 4: [Fraction(1, 2), Fraction(1, 2), 0],
-                5: [Fraction(3, 5), Fraction(2, 5), 0], 6: [Fraction(1, 2), Fraction(1, 3), Fraction(1, 6)]}
+    expected = {
+        2: [0, 1, 0],
+        3: [Fraction(1, 3), Fraction(2, 3), 0],
+        4: [Fraction(1, 2), Fraction(1, 2), 0],
+        5: [Fraction(3, 5), Fraction(2, 5), 0],
+        6: [Fraction(1, 2), Fraction(1, 3), Fraction(1, 6)],
+    }
     for k, shares in expected.items():
         w = route(q, x, k=k)
         assert w.shape == (1, 3) and w.dtype == torch.float32
@@ -127,15 +133,20 @@ def test_chunked_routing_equals_unchunked(monkeypatch):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n_tasks=st.integers(1, 5), n_per_task=st.integers(1, 12), dim=st.integers(1, 6),
-       data=st.data(), seed=st.integers(0, 2**31 - 1))
+@given(
+    n_tasks=st.integers(1, 5),
+    n_per_task=st.integers(1, 12),
+    dim=st.integers(1, 6),
+    data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_separated_clusters_route_one_hot(n_tasks, n_per_task, dim, data, seed):
     """Clusters far apart and k <= n_per_task: inputs near a cluster get that task only (T-Switch)."""
     k = data.draw(st.integers(1, n_per_task))
     g = torch.Generator().manual_seed(seed)
     centres = torch.zeros(n_tasks, dim)
     centres[:, 0] = 100.0 * torch.arange(n_tasks)  # 100 apart; points stay within 1 of a centre
-    emb = (centres.repeat_interleave(n_per_task, 0) + torch.rand(n_tasks * n_per_task, dim, generator=g) - 0.5)
+    emb = centres.repeat_interleave(n_per_task, 0) + torch.rand(n_tasks * n_per_task, dim, generator=g) - 0.5
     labels = torch.arange(n_tasks).repeat_interleave(n_per_task)
     perm = torch.randperm(len(labels), generator=g)
     q = QuerySet(emb[perm], labels[perm], [f"t{i}" for i in range(n_tasks)])
@@ -209,6 +220,7 @@ def test_group_rows_covers_each_row_once():
 
 
 # --- query sets ---------------------------------------------------------------------------------
+
 
 def _tagged(task: int, n: int) -> torch.Tensor:
     """Rows that name their origin: column 0 the task, column 1 the row index."""
@@ -362,8 +374,9 @@ def test_cuda_matches_cpu():
         assert torch.equal(gpu.cpu(), cpu)
         for mode in ("batch", "sample", "hard"):
             assert torch.allclose(combine(gpu, mode).cpu(), combine(cpu, mode))
-        assert [(r.tolist(), i.tolist()) for r, i in group_rows(combine(gpu, "hard"))] == \
-               [(r.tolist(), i.tolist()) for r, i in group_rows(combine(cpu, "hard"))]
+        assert [(r.tolist(), i.tolist()) for r, i in group_rows(combine(gpu, "hard"))] == [
+            (r.tolist(), i.tolist()) for r, i in group_rows(combine(cpu, "hard"))
+        ]
         truth = torch.randint(0, 4, (300,), generator=g)
         assert routing_accuracy(gpu, truth.cuda()) == routing_accuracy(cpu, truth)
 
@@ -376,11 +389,12 @@ def test_route_equals_brute_force_exact_distances(dim, k):
     g = torch.Generator().manual_seed(dim + k)
     centres = torch.nn.functional.normalize(torch.randn(4, dim, generator=g), dim=-1)
     labels = torch.randint(0, 4, (300,), generator=g)
-    emb = torch.nn.functional.normalize(centres[labels] + torch.randn(300, dim, generator=g) / dim ** 0.5, dim=-1)
+    emb = torch.nn.functional.normalize(centres[labels] + torch.randn(300, dim, generator=g) / dim**0.5, dim=-1)
     emb[10] = emb[3]  # a duplicate query: ties go to index 3
     emb[11] = torch.nextafter(emb[4], torch.full_like(emb[4], 2.0))  # one step away from query 4
-    x = torch.nn.functional.normalize(centres[torch.randint(0, 4, (120,), generator=g)]
-                                      + torch.randn(120, dim, generator=g) / dim ** 0.5, dim=-1)
+    x = torch.nn.functional.normalize(
+        centres[torch.randint(0, 4, (120,), generator=g)] + torch.randn(120, dim, generator=g) / dim**0.5, dim=-1
+    )
     x[:3] = emb[[3, 4, 11]]  # inputs sitting on queries
     q = QuerySet(emb, labels, list("abcd"))
     full = torch.cdist(x[:, None, :], emb.expand(len(x), -1, -1), compute_mode="donot_use_mm_for_euclid_dist")[:, 0, :]

@@ -8,6 +8,7 @@ Each case builds its inputs in a fresh folder, runs the command line (``run_app`
   any file in the way of ``--out``) unchanged, byte for byte.
 A few cases also run as real processes, where library warnings and tracebacks would show.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,6 +35,7 @@ SHAPES = {"layer.weight": (16, 8), "layer.bias": (16,), "scalar": ()}
 
 
 # --- the world each case starts from ------------------------------------------------------
+
 
 @dataclass
 class World:
@@ -98,6 +100,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 # --- bad files ------------------------------------------------------------------------------
 
+
 def _header_file(path: Path, header: dict | list | bytes, data: bytes = b"", n: int | None = None) -> Path:
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,8 +146,9 @@ def _outside_shard(w: World, rel: str) -> Path:
 def _linked_shard(w: World) -> Path:
     a, b = _split_m0(w)
     save_file(b, str(w.p("elsewhere.safetensors")))
-    d = _sharded(w, {"layer.weight": "a.safetensors", "layer.bias": "b.safetensors", "scalar": "b.safetensors"},
-                 {"a.safetensors": a})
+    d = _sharded(
+        w, {"layer.weight": "a.safetensors", "layer.bias": "b.safetensors", "scalar": "b.safetensors"}, {"a.safetensors": a}
+    )
     (d / "b.safetensors").symlink_to(w.p("elsewhere.safetensors"))
     return d
 
@@ -201,10 +205,10 @@ def _corrupt_switch(w: World) -> Path:
 def _newer_switch(w: World) -> Path:
     data = w.switch.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    head = data[8:8 + n].replace(b'"format_version":"1"', b'"format_version":"9"')
+    head = data[8 : 8 + n].replace(b'"format_version":"1"', b'"format_version":"9"')
     assert len(head) == n
     f = w.p("new.switch.safetensors")
-    f.write_bytes(data[:8] + head + data[8 + n:])
+    f.write_bytes(data[:8] + head + data[8 + n :])
     return f
 
 
@@ -250,8 +254,7 @@ def _stage_ws(w: World) -> None:
 
 
 def _download_around(w: World) -> None:
-    _workspace(w, {"download": {"family": "text_classification", "base": str(w.root),
-                                "tasks": {"a": {"model": "m0"}}}})
+    _workspace(w, {"download": {"family": "text_classification", "base": str(w.root), "tasks": {"a": {"model": "m0"}}}})
 
 
 # --- the table ------------------------------------------------------------------------------
@@ -269,13 +272,31 @@ def merge_models(models_of: Callable[[World], list]):
 
 
 def merge_set(*sets: str, method: str = "task_arithmetic"):
-    return lambda w: ["merge", "--method", method, "--base", w.base, "--out", w.p("out"),
-                      *[a for s in sets for a in ("--set", s)], w.m0, w.m1]
+    return lambda w: [
+        "merge",
+        "--method",
+        method,
+        "--base",
+        w.base,
+        "--out",
+        w.p("out"),
+        *[a for s in sets for a in ("--set", s)],
+        w.m0,
+        w.m1,
+    ]
 
 
 def compress_to(out_of, model_of=lambda w: w.m0, *sets):
-    return lambda w: ["compress", "--base", w.base, "--model", model_of(w), "--out", out_of(w),
-                      *[a for s in sets for a in ("--set", s)]]
+    return lambda w: [
+        "compress",
+        "--base",
+        w.base,
+        "--model",
+        model_of(w),
+        "--out",
+        out_of(w),
+        *[a for s in sets for a in ("--set", s)],
+    ]
 
 
 def apply_with(switch_of, out_of=lambda w: w.p("rebuilt")):
@@ -319,34 +340,61 @@ CASES = [
     ("merge-out-mergeflow-output-plus-user-file", merge_to(_merged_plus_file), ["merged", "README.md", "did not write"]),
     ("merge-out-is-a-switch-file", merge_to(lambda w: w.switch), ["t.switch.safetensors", "is a file"]),
     ("merge-out-parent-is-a-file", merge_to(_dir_with_file_parent), ["afile", "is a file"]),
-    ("merge-switch-store-out-foreign-dir",
-     lambda w: ["merge", "--method", "tswitch", "--base", w.base, "--out", _foreign_dir(w), "--set", "store=switches", w.m0],
-     ["mine", "not a mergeflow output"]),
+    (
+        "merge-switch-store-out-foreign-dir",
+        lambda w: ["merge", "--method", "tswitch", "--base", w.base, "--out", _foreign_dir(w), "--set", "store=switches", w.m0],
+        ["mine", "not a mergeflow output"],
+    ),
     ("merge-out-a-stage-output", merge_to(lambda w: _stage_output(w)), ["artifacts/merged", "stage:merge", "not a checkpoint"]),
     ("compress-out-a-tvq-file", compress_to(lambda w: _tvq_file(w)), ["codes.tvq", "mergeflow.tvq", "not a mergeflow.switch"]),
-    ("compress-out-regular-file", compress_to(lambda w: _file(w, "s.safetensors")), ["s.safetensors", "not written by mergeflow"]),
+    (
+        "compress-out-regular-file",
+        compress_to(lambda w: _file(w, "s.safetensors")),
+        ["s.safetensors", "not written by mergeflow"],
+    ),
     ("compress-out-a-folder", compress_to(lambda w: _foreign_dir(w)), ["mine", "is a folder"]),
     ("compress-out-mergeflow-folder", compress_to(lambda w: w.merged), ["merged", "is a folder"]),
-    ("compress-out-is-the-model-file", compress_to(lambda w: w.m0 / "model.safetensors", lambda w: w.m0 / "model.safetensors"),
-     ["model.safetensors", "is the input"]),
+    (
+        "compress-out-is-the-model-file",
+        compress_to(lambda w: w.m0 / "model.safetensors", lambda w: w.m0 / "model.safetensors"),
+        ["model.safetensors", "is the input"],
+    ),
     ("compress-out-inside-the-model", compress_to(lambda w: w.m0 / "x.switch.safetensors"), ["lies inside the input"]),
-    ("compress-out-a-model-file", compress_to(lambda w: w.m1 / "model.safetensors"), ["m1/model.safetensors", "not written by mergeflow"]),
+    (
+        "compress-out-a-model-file",
+        compress_to(lambda w: w.m1 / "model.safetensors"),
+        ["m1/model.safetensors", "not written by mergeflow"],
+    ),
     ("apply-out-is-the-base", apply_with(lambda w: w.switch, lambda w: w.base), ["base", "is the input"]),
     ("apply-out-foreign-dir", apply_with(lambda w: w.switch, lambda w: _foreign_dir(w)), ["mine", "not a mergeflow output"]),
     ("apply-out-is-the-switch", apply_with(lambda w: w.switch, lambda w: w.switch), ["t.switch.safetensors", "is the input"]),
     ("stage-out-foreign-dir", lambda w: (_stage_ws(w), ["stage", "extract"])[1], ["artifacts/vectors", "not a mergeflow output"]),
-    ("stage-download-source-holds-the-workspace", lambda w: (_download_around(w), ["stage", "download"])[1],
-     ["download.base", "artifacts/checkpoints", "lies inside the input"]),
-    ("run-source-holds-the-workspace", lambda w: (_download_around(w), ["run", "--params", w.p("params.yaml")])[1],
-     ["download.base", "lies inside the input"]),
-    ("run-artifacts-output-foreign", lambda w: (_workspace(w, "{}"), _foreign_dir(w, "artifacts/merged"),
-                                                ["run", "--params", w.p("params.yaml")])[2],
-     ["artifacts/merged", "not a mergeflow output"]),
+    (
+        "stage-download-source-holds-the-workspace",
+        lambda w: (_download_around(w), ["stage", "download"])[1],
+        ["download.base", "artifacts/checkpoints", "lies inside the input"],
+    ),
+    (
+        "run-source-holds-the-workspace",
+        lambda w: (_download_around(w), ["run", "--params", w.p("params.yaml")])[1],
+        ["download.base", "lies inside the input"],
+    ),
+    (
+        "run-artifacts-output-foreign",
+        lambda w: (_workspace(w, "{}"), _foreign_dir(w, "artifacts/merged"), ["run", "--params", w.p("params.yaml")])[2],
+        ["artifacts/merged", "not a mergeflow output"],
+    ),
     # 2. reads stay inside their checkpoint
-    ("shard-outside-folder", merge_models(lambda w: [_outside_shard(w, "../elsewhere.safetensors")]),
-     ["model.safetensors.index.json", "../elsewhere.safetensors", "outside the checkpoint"]),
-    ("shard-absolute-path", merge_models(lambda w: [_outside_shard(w, str(w.p("elsewhere.safetensors")))]),
-     ["elsewhere.safetensors", "outside the checkpoint"]),
+    (
+        "shard-outside-folder",
+        merge_models(lambda w: [_outside_shard(w, "../elsewhere.safetensors")]),
+        ["model.safetensors.index.json", "../elsewhere.safetensors", "outside the checkpoint"],
+    ),
+    (
+        "shard-absolute-path",
+        merge_models(lambda w: [_outside_shard(w, str(w.p("elsewhere.safetensors")))]),
+        ["elsewhere.safetensors", "outside the checkpoint"],
+    ),
     ("shard-symlink-out", merge_models(lambda w: [_linked_shard(w)]), ["b.safetensors", "leads outside"]),
     ("weights-symlink-out", merge_models(lambda w: [_linked_weights(w)]), ["model.safetensors", "leads outside"]),
     ("config-symlink-out", merge_models(lambda w: [_linked_config(w)]), ["config.json", "leads outside"]),
@@ -366,11 +414,26 @@ CASES = [
     ("merge-unknown-method", lambda w: ["merge", "--method", "nope", "--base", w.base, "--out", w.p("out"), w.m0], ["nope"]),
     ("merge-bad-device", lambda w: [*MERGE, "--device", "tpu", "--base", w.base, "--out", w.p("out"), w.m0], ["tpu"]),
     ("compress-drop-out-of-range", compress_to(lambda w: w.p("s.switch.safetensors"), lambda w: w.m0, "drop=2"), ["drop"]),
-    ("compress-drop-one-keeps-everything", compress_to(lambda w: w.p("s.switch.safetensors"), lambda w: w.m0, "drop=1"),
-     ["drop", "[0.0, 1.0)"]),
-    ("run-compress-drop-one", run_with(lambda w: _file(w, "p.yaml", "{}"), "compress.drop=1.0"), ["compress.drop", "less than 1"]),
-    ("compress-bad-encoding", compress_to(lambda w: w.p("s.switch.safetensors"), lambda w: w.m0, "encoding=zip"), ["encoding", "zip"]),
-    ("compress-set-unparsable", compress_to(lambda w: w.p("s.switch.safetensors"), lambda w: w.m0, "drop=["), ["drop", "cannot parse"]),
+    (
+        "compress-drop-one-keeps-everything",
+        compress_to(lambda w: w.p("s.switch.safetensors"), lambda w: w.m0, "drop=1"),
+        ["drop", "[0.0, 1.0)"],
+    ),
+    (
+        "run-compress-drop-one",
+        run_with(lambda w: _file(w, "p.yaml", "{}"), "compress.drop=1.0"),
+        ["compress.drop", "less than 1"],
+    ),
+    (
+        "compress-bad-encoding",
+        compress_to(lambda w: w.p("s.switch.safetensors"), lambda w: w.m0, "encoding=zip"),
+        ["encoding", "zip"],
+    ),
+    (
+        "compress-set-unparsable",
+        compress_to(lambda w: w.p("s.switch.safetensors"), lambda w: w.m0, "drop=["),
+        ["drop", "cannot parse"],
+    ),
     ("compress-missing-model", lambda w: ["compress", "--base", w.base, "--out", w.p("s.switch.safetensors")], ["--model"]),
     ("apply-missing-switch-option", lambda w: ["switch", "apply", "--base", w.base, "--out", w.p("o")], ["--switch"]),
     ("unknown-command", lambda w: ["mergify"], ["mergify"]),
@@ -380,8 +443,11 @@ CASES = [
     ("run-missing-params", run_with(lambda w: w.p("nope.yaml")), ["nope.yaml", "not found"]),
     ("run-params-is-a-folder", run_with(lambda w: w.base), ["base", "folder"]),
     ("run-params-bad-yaml", run_with(lambda w: _file(w, "bad.yaml", "merge: [1,\n")), ["bad.yaml", "YAML"]),
-    ("run-params-not-utf8", run_with(lambda w: (w.p("bin.yaml").write_bytes(b"\xff\xfe\x00a"), w.p("bin.yaml"))[1]),
-     ["bin.yaml"]),
+    (
+        "run-params-not-utf8",
+        run_with(lambda w: (w.p("bin.yaml").write_bytes(b"\xff\xfe\x00a"), w.p("bin.yaml"))[1]),
+        ["bin.yaml"],
+    ),
     ("run-set-empty-key", run_with(lambda w: _file(w, "p.yaml", "{}"), "=0.5"), ["=0.5", "empty key"]),
     ("run-set-empty-part", run_with(lambda w: _file(w, "p.yaml", "{}"), "merge..x=1"), ["merge..x", "empty part"]),
     ("run-set-unknown-key", run_with(lambda w: _file(w, "p.yaml", "{}"), "bogus.key=1"), ["bogus", "unknown key"]),
@@ -390,67 +456,159 @@ CASES = [
     ("run-set-into-a-value", run_with(lambda w: _file(w, "p.yaml", "seed: 1"), "seed.x=1"), ["seed", "not a section"]),
     ("run-unknown-top-key", run_with(lambda w: _file(w, "p.yaml", "bogus: 1")), ["bogus", "unknown key"]),
     ("stage-unknown", lambda w: ["stage", "nope"], ["nope"]),
-    ("stage-set-unparsable", lambda w: (_workspace(w, "{}"), ["stage", "extract", "--set", "seed=[1,"])[1], ["seed", "cannot parse"]),
+    (
+        "stage-set-unparsable",
+        lambda w: (_workspace(w, "{}"), ["stage", "extract", "--set", "seed=[1,"])[1],
+        ["seed", "cannot parse"],
+    ),
     # 4. broken checkpoints: headers, sharding, pickles, tensors
     ("model-missing", merge_models(lambda w: [w.p("nothing")]), ["nothing", "not found"]),
-    ("model-folder-without-weights", merge_models(lambda w: [(w.p("empty").mkdir(), w.p("empty"))[1]]), ["empty", "no model.safetensors"]),
-    ("header-too-short", merge_models(lambda w: [(w.p("s.safetensors").write_bytes(b"\x01\x02"), w.p("s.safetensors"))[1]]),
-     ["s.safetensors", "too short"]),
-    ("header-length-past-end", merge_models(lambda w: [_header_file(w.p("s.safetensors"), {}, n=1 << 20)]),
-     ["s.safetensors", "header length"]),
+    (
+        "model-folder-without-weights",
+        merge_models(lambda w: [(w.p("empty").mkdir(), w.p("empty"))[1]]),
+        ["empty", "no model.safetensors"],
+    ),
+    (
+        "header-too-short",
+        merge_models(lambda w: [(w.p("s.safetensors").write_bytes(b"\x01\x02"), w.p("s.safetensors"))[1]]),
+        ["s.safetensors", "too short"],
+    ),
+    (
+        "header-length-past-end",
+        merge_models(lambda w: [_header_file(w.p("s.safetensors"), {}, n=1 << 20)]),
+        ["s.safetensors", "header length"],
+    ),
     ("header-not-json", merge_models(lambda w: [_header_file(w.p("s.safetensors"), b"{nope")]), ["s.safetensors", "JSON"]),
-    ("header-a-list", merge_models(lambda w: [_header_file(w.p("s.safetensors"), [1, 2])]), ["s.safetensors", "not a JSON object"]),
-    ("header-unknown-dtype", merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry("Q9")}, b"\0" * 8)]),
-     ["s.safetensors", "t", "Q9"]),
-    ("header-offsets-wrong-size", merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry(offsets=(0, 4))}, b"\0" * 4)]),
-     ["s.safetensors", "tensor t", "data_offsets"]),
-    ("header-overlap", merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry(), "u": _entry(offsets=(4, 12))},
-                                                            b"\0" * 12)]), ["s.safetensors", "overlaps"]),
-    ("header-truncated-data", merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry()}, b"\0" * 4)]),
-     ["s.safetensors", "truncated"]),
-    ("header-stray-bytes", merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry()}, b"\0" * 12)]),
-     ["s.safetensors", "stray bytes"]),
-    ("header-negative-shape", merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry(shape=(-2,))}, b"\0" * 8)]),
-     ["s.safetensors", "tensor t"]),
-    ("index-not-json", merge_models(lambda w: [_sharded(w, "{not json")]), ["model.safetensors.index.json", "not a valid checkpoint index"]),
-    ("index-shard-missing", merge_models(lambda w: [_sharded(w, {"layer.weight": "gone.safetensors"})]),
-     ["gone.safetensors", "missing"]),
-    ("index-tensor-not-in-shard",
-     merge_models(lambda w: [_sharded(w, {"layer.weight": "a.safetensors", "layer.bias": "a.safetensors", "scalar": "a.safetensors",
-                                          "ghost": "a.safetensors"}, {"a.safetensors": dict(zip(["layer.weight", "layer.bias", "scalar"],
-                                                                                             _tensors(1).values()))})]),
-     ["ghost"]),
-    ("raw-pickle-bin", merge_models(lambda w: [_raw_pickle(w)]), ["raw.bin", "refused by torch.load(weights_only=True)", "operand"]),
+    (
+        "header-a-list",
+        merge_models(lambda w: [_header_file(w.p("s.safetensors"), [1, 2])]),
+        ["s.safetensors", "not a JSON object"],
+    ),
+    (
+        "header-unknown-dtype",
+        merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry("Q9")}, b"\0" * 8)]),
+        ["s.safetensors", "t", "Q9"],
+    ),
+    (
+        "header-offsets-wrong-size",
+        merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry(offsets=(0, 4))}, b"\0" * 4)]),
+        ["s.safetensors", "tensor t", "data_offsets"],
+    ),
+    (
+        "header-overlap",
+        merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry(), "u": _entry(offsets=(4, 12))}, b"\0" * 12)]),
+        ["s.safetensors", "overlaps"],
+    ),
+    (
+        "header-truncated-data",
+        merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry()}, b"\0" * 4)]),
+        ["s.safetensors", "truncated"],
+    ),
+    (
+        "header-stray-bytes",
+        merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry()}, b"\0" * 12)]),
+        ["s.safetensors", "stray bytes"],
+    ),
+    (
+        "header-negative-shape",
+        merge_models(lambda w: [_header_file(w.p("s.safetensors"), {"t": _entry(shape=(-2,))}, b"\0" * 8)]),
+        ["s.safetensors", "tensor t"],
+    ),
+    (
+        "index-not-json",
+        merge_models(lambda w: [_sharded(w, "{not json")]),
+        ["model.safetensors.index.json", "not a valid checkpoint index"],
+    ),
+    (
+        "index-shard-missing",
+        merge_models(lambda w: [_sharded(w, {"layer.weight": "gone.safetensors"})]),
+        ["gone.safetensors", "missing"],
+    ),
+    (
+        "index-tensor-not-in-shard",
+        merge_models(
+            lambda w: [
+                _sharded(
+                    w,
+                    {
+                        "layer.weight": "a.safetensors",
+                        "layer.bias": "a.safetensors",
+                        "scalar": "a.safetensors",
+                        "ghost": "a.safetensors",
+                    },
+                    {"a.safetensors": dict(zip(["layer.weight", "layer.bias", "scalar"], _tensors(1).values()))},
+                )
+            ]
+        ),
+        ["ghost"],
+    ),
+    (
+        "raw-pickle-bin",
+        merge_models(lambda w: [_raw_pickle(w)]),
+        ["raw.bin", "refused by torch.load(weights_only=True)", "operand"],
+    ),
     ("bin-holds-a-string", merge_models(lambda w: [_bin_with_string(w)]), ["strings.bin", "note"]),
     ("bin-garbage", merge_models(lambda w: [(w.p("g.bin").write_bytes(b"garbage" * 10), w.p("g.bin"))[1]]), ["g.bin", "refused"]),
-    ("tensor-nan", merge_models(lambda w: [_model_like(w, "nan", lambda sd: _changed(sd, scalar=torch.tensor(float("nan"))))]),
-     ["nan", "scalar", "NaN"]),
-    ("tensor-inf", merge_models(lambda w: [_model_like(w, "inf", lambda sd: _changed(sd, **{"layer.bias": torch.full((16,), float("inf"))}))]),
-     ["inf", "layer.bias", "Inf"]),
-    ("tensor-missing", merge_models(lambda w: [_model_like(w, "miss", lambda sd: {k: v for k, v in sd.items() if k != "scalar"})]),
-     ["miss", "scalar", "missing"]),
-    ("tensor-extra", merge_models(lambda w: [_model_like(w, "extra", lambda sd: _changed(sd, head=torch.zeros(3)))]),
-     ["extra", "head", "not in the base"]),
-    ("tensor-shape-mismatch", merge_models(lambda w: [_model_like(w, "shape", lambda sd: _changed(sd, **{"layer.bias": torch.zeros(15)}))]),
-     ["shape", "layer.bias", "[15]"]),
-    ("tensor-dtype-mismatch",
-     merge_models(lambda w: [_model_like(w, "half", lambda sd: _changed(sd, **{"layer.bias": sd["layer.bias"].half()}))]),
-     ["half", "layer.bias", "float16"]),
+    (
+        "tensor-nan",
+        merge_models(lambda w: [_model_like(w, "nan", lambda sd: _changed(sd, scalar=torch.tensor(float("nan"))))]),
+        ["nan", "scalar", "NaN"],
+    ),
+    (
+        "tensor-inf",
+        merge_models(
+            lambda w: [_model_like(w, "inf", lambda sd: _changed(sd, **{"layer.bias": torch.full((16,), float("inf"))}))]
+        ),
+        ["inf", "layer.bias", "Inf"],
+    ),
+    (
+        "tensor-missing",
+        merge_models(lambda w: [_model_like(w, "miss", lambda sd: {k: v for k, v in sd.items() if k != "scalar"})]),
+        ["miss", "scalar", "missing"],
+    ),
+    (
+        "tensor-extra",
+        merge_models(lambda w: [_model_like(w, "extra", lambda sd: _changed(sd, head=torch.zeros(3)))]),
+        ["extra", "head", "not in the base"],
+    ),
+    (
+        "tensor-shape-mismatch",
+        merge_models(lambda w: [_model_like(w, "shape", lambda sd: _changed(sd, **{"layer.bias": torch.zeros(15)}))]),
+        ["shape", "layer.bias", "[15]"],
+    ),
+    (
+        "tensor-dtype-mismatch",
+        merge_models(lambda w: [_model_like(w, "half", lambda sd: _changed(sd, **{"layer.bias": sd["layer.bias"].half()}))]),
+        ["half", "layer.bias", "float16"],
+    ),
     # 5. switch containers
     ("switch-corrupt-payload", apply_with(_corrupt_switch), ["bad.switch.safetensors", "checksum"]),
-    ("switch-not-a-switch", apply_with(lambda w: w.m0 / "model.safetensors"), ["model.safetensors", "not a mergeflow.switch file"]),
-    ("switch-truncated", apply_with(lambda w: (w.p("cut.safetensors").write_bytes(w.switch.read_bytes()[:100]), w.p("cut.safetensors"))[1]),
-     ["cut.safetensors"]),
+    (
+        "switch-not-a-switch",
+        apply_with(lambda w: w.m0 / "model.safetensors"),
+        ["model.safetensors", "not a mergeflow.switch file"],
+    ),
+    (
+        "switch-truncated",
+        apply_with(lambda w: (w.p("cut.safetensors").write_bytes(w.switch.read_bytes()[:100]), w.p("cut.safetensors"))[1]),
+        ["cut.safetensors"],
+    ),
     ("switch-too-new", apply_with(_newer_switch), ["new.switch.safetensors", "newer"]),
     ("switch-missing", apply_with(lambda w: w.p("none.switch.safetensors")), ["none.switch.safetensors"]),
     # 6. hub refs
     ("hub-ref-malformed", merge_models(lambda w: ["hf://onlyname"]), ["hf://onlyname", "expected hf://org/name"]),
     ("hub-ref-bad-revision", merge_models(lambda w: ["hf://org/name@.."]), ["hf://org/name@..", "expected hf://org/name"]),
     ("hub-ref-not-cached", merge_models(lambda w: ["hf://org/absent"]), ["hf://org/absent", "not in the local cache"]),
-    ("hub-ref-is-a-dataset", lambda w: [*MERGE, "--base", "hf://datasets/org/data", "--out", w.p("out"), w.m0],
-     ["hf://datasets/org/data", "a dataset"]),
-    ("hub-ref-revision-not-cached",
-     merge_models(lambda w: (add_folder(w.p("hub"), "org/tiny", w.m0), ["hf://org/tiny@v9"])[1]), ["hf://org/tiny@v9", "v9"]),
+    (
+        "hub-ref-is-a-dataset",
+        lambda w: [*MERGE, "--base", "hf://datasets/org/data", "--out", w.p("out"), w.m0],
+        ["hf://datasets/org/data", "a dataset"],
+    ),
+    (
+        "hub-ref-revision-not-cached",
+        merge_models(lambda w: (add_folder(w.p("hub"), "org/tiny", w.m0), ["hf://org/tiny@v9"])[1]),
+        ["hf://org/tiny@v9", "v9"],
+    ),
 ]
 
 
@@ -479,16 +637,24 @@ def test_the_campaign_has_sixty_cases():
 
 # --- as real processes: nothing but the one line -------------------------------------------
 
+
 def _process(argv: list, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     code = "from flows.cli import main; main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, argv)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
 
 
 @pytest.mark.subprocess
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("case", ["raw-pickle-bin", "merge-set-unparsable", "merge-no-models", "merge-out-foreign-dir",
-                                  "run-empty-params"])
+@pytest.mark.parametrize(
+    "case", ["raw-pickle-bin", "merge-set-unparsable", "merge-no-models", "merge-out-foreign-dir", "run-empty-params"]
+)
 def test_as_a_process_stderr_is_one_line(world, case):
     build, words = next((b, w) for i, b, w in CASES if i == case)
     argv = [str(a) for a in build(world)]
@@ -503,6 +669,7 @@ def test_as_a_process_stderr_is_one_line(world, case):
 
 # --- warnings, then the correct result ------------------------------------------------------
 
+
 def _ta(base: dict, models: list[dict], lam: float) -> dict:
     return {k: base[k] + lam * sum(m[k] - base[k] for m in models) for k in base}
 
@@ -511,8 +678,9 @@ def test_a_model_given_twice_warns_once_and_merges_as_given(world, capsys):
     from mergeflow.io.checkpoint import Checkpoint
 
     out = world.p("twice")
-    code = run_app(app, [*MERGE, "--base", str(world.base), "--out", str(out), "--set", "scaling=0.5",
-                         str(world.m0), str(world.m0)])
+    code = run_app(
+        app, [*MERGE, "--base", str(world.base), "--out", str(out), "--set", "scaling=0.5", str(world.m0), str(world.m0)]
+    )
     _, err = capsys.readouterr()
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("mergeflow: warning:")]
@@ -532,8 +700,7 @@ def test_a_fine_tune_identical_to_the_base_warns_and_adds_nothing(world, capsys)
     same = world.p("copy_of_base")
     shutil.copytree(world.base, same)
     out = world.p("with_copy")
-    code = run_app(app, [*MERGE, "--base", str(world.base), "--out", str(out), "--set", "scaling=0.5",
-                         str(world.m1), str(same)])
+    code = run_app(app, [*MERGE, "--base", str(world.base), "--out", str(out), "--set", "scaling=0.5", str(world.m1), str(same)])
     _, err = capsys.readouterr()
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("mergeflow: warning:")]
@@ -577,22 +744,30 @@ def test_a_previous_output_of_the_same_kind_is_replaced(world, capsys):
     from mergeflow.io.checkpoint import Checkpoint
 
     b, m0, m1 = (Checkpoint(p).state_dict() for p in (world.base, world.m0, world.m1))
-    assert run_app(app, [*MERGE, "--base", str(world.base), "--out", str(world.merged), "--set", "scaling=0.25",
-                         str(world.m1)]) == 0
+    assert (
+        run_app(app, [*MERGE, "--base", str(world.base), "--out", str(world.merged), "--set", "scaling=0.25", str(world.m1)]) == 0
+    )
     got = Checkpoint(world.merged).state_dict()
     for k, want in _ta(b, [m1], 0.25).items():
         torch.testing.assert_close(got[k], want, rtol=0, atol=1e-6)
     # a static merge's folder becomes a dynamic one's, and back: both are checkpoint outputs
-    assert run_app(app, ["merge", "--method", "tswitch", "--base", str(world.base), "--out", str(world.merged),
-                         str(world.m0), str(world.m1)]) == 0
+    assert (
+        run_app(
+            app,
+            ["merge", "--method", "tswitch", "--base", str(world.base), "--out", str(world.merged), str(world.m0), str(world.m1)],
+        )
+        == 0
+    )
     assert sorted(p.name for p in world.merged.iterdir()) == [".mergeflow-output", "task_0", "task_1"]
     old = world.switch.read_bytes()
     assert run_app(app, ["compress", "--base", str(world.base), "--model", str(world.m1), "--out", str(world.switch)]) == 0
     assert world.switch.read_bytes() != old
     rebuilt = world.p("rebuilt")
     for _ in range(2):
-        assert run_app(app, ["switch", "apply", "--base", str(world.base), "--switch", str(world.switch),
-                             "--out", str(rebuilt)]) == 0
+        assert (
+            run_app(app, ["switch", "apply", "--base", str(world.base), "--switch", str(world.switch), "--out", str(rebuilt)])
+            == 0
+        )
     assert not [p for p in world.root.rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert capsys.readouterr().err.count("error") == 0
 

@@ -1,4 +1,5 @@
 """The CLI contract: merge, compress, switch apply, methods; exit codes and one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,11 @@ def models(tmp_path):
     base["position_ids"] = torch.arange(4)
     paths = []
     for i, name in enumerate(["base", "m0", "m1"]):
-        sd = dict(base) if i == 0 else {k: (v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in base.items()}
+        sd = (
+            dict(base)
+            if i == 0
+            else {k: (v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v) for k, v in base.items()}
+        )
         d = tmp_path / name
         d.mkdir()
         save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
@@ -41,7 +46,9 @@ def invoke(*args):
 
 def test_task_arithmetic_cli(models, tmp_path):
     base, m0, m1 = models
-    res = invoke("merge", "--method", "task_arithmetic", "--base", base, "--out", tmp_path / "out", "--set", "scaling=0.5", m0, m1)
+    res = invoke(
+        "merge", "--method", "task_arithmetic", "--base", base, "--out", tmp_path / "out", "--set", "scaling=0.5", m0, m1
+    )
     assert res.exit_code == 0, res.output
     b, a, c = (Checkpoint(p) for p in models)
     out = Checkpoint(tmp_path / "out")
@@ -64,7 +71,11 @@ def test_tswitch_dynamic_and_compact(models, tmp_path):
         assert torch.allclose(task.get("layer.weight"), b.get("layer.weight") + s * t.float(), atol=1e-6)
     res = invoke("merge", "--method", "tswitch", "--base", base, "--out", tmp_path / "sw", "--set", "store=switches", m0, m1)
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == [".mergeflow-output", "task_0.switch.safetensors", "task_1.switch.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == [
+        ".mergeflow-output",
+        "task_0.switch.safetensors",
+        "task_1.switch.safetensors",
+    ]
 
 
 def test_compress_then_apply_rebuilds_task_model(models, tmp_path):
@@ -134,8 +145,24 @@ def test_nan_input_names_tensor(models, tmp_path):
 @pytest.mark.timeout(60)
 def test_console_script_exit_status(tmp_path):
     """The installed entry point: non-zero exit and one line on stderr."""
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "merge", "--method", "x", "--base", str(tmp_path / "none"),
-                           "--out", str(tmp_path / "o"), str(tmp_path / "m")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "merge",
+            "--method",
+            "x",
+            "--base",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "o"),
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mergeflow: error: unknown method 'x' (known: ")

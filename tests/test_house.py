@@ -1,5 +1,6 @@
 """House rules a reader relies on: no method named outside the registry, modules of one job and
 a readable size, short module docstrings, and the library free of orchestration imports."""
+
 from __future__ import annotations
 
 import ast
@@ -48,8 +49,11 @@ def test_no_method_named_outside_the_registry():
             continue
         tree = ast.parse(f.read_text())
         defaults = default_values(tree)
-        found += [f"{rel(f)}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
-                  if isinstance(n, ast.Constant) and n.value in names and id(n) not in defaults]
+        found += [
+            f"{rel(f)}:{n.lineno} {n.value!r}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Constant) and n.value in names and id(n) not in defaults
+        ]
     assert not found, found
 
 
@@ -79,6 +83,11 @@ def test_the_library_imports_no_orchestration():
         if not f.is_relative_to(ROOT / "mergeflow"):
             continue
         for node in ast.walk(ast.parse(f.read_text())):
-            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            mods = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
             assert not {m.split(".")[0] for m in mods} & banned, f"{rel(f)} imports {mods}"

@@ -1,4 +1,5 @@
 """params.yaml validation: unknown keys, bad values, unknown methods, missing files."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,10 @@ def test_presets_are_valid(preset):
 @pytest.mark.parametrize(
     "data, where",
     [
-        ({"merge": {"methods": ["task_arithmetic"], "task_arithmetic": {"scalling": 1}}}, "merge.task_arithmetic.scalling: unknown"),
+        (
+            {"merge": {"methods": ["task_arithmetic"], "task_arithmetic": {"scalling": 1}}},
+            "merge.task_arithmetic.scalling: unknown",
+        ),
         ({"compress": {"drop": 1.5}}, "compress.drop"),
         ({"compress": {"dorp": 0.5}}, "compress.dorp: unknown key"),
         ({"bogus": 1}, "bogus: unknown key"),
@@ -48,14 +52,26 @@ def test_presets_are_valid(preset):
         ({"download": {"family": "clip_vision", "tasks": {"a": {"model": "x"}}}}, "download.base: required with a family"),
         ({"download": {"family": "clip_vision", "base": "b"}}, "download.tasks: at least one task"),
         ({"download": {"family": "vit", "base": "b", "tasks": {"a": {"model": "x"}}}}, "unknown model family 'vit'"),
-        ({"download": {"family": "clip_vision", "base": "b", "tasks": {"a": {"dataset": "d"}}}}, "download.tasks.a.model: required"),
-        ({"download": {"family": "clip_vision", "base": "b", "tasks": {"base": {"model": "x"}}}}, "download.tasks.base: not a usable task name"),
-        ({"download": {"family": "clip_vision", "base": "b", "tasks": {"a": {"model": "x", "split": "val", "spilt": 1}}}},
-         "download.tasks.a.spilt: unknown task option of family clip_vision"),
-        ({"download": {"family": "clip_vision", "base": "b", "options": {"pool": 3}, "tasks": {"a": {"model": "x"}}}},
-         "download.options.pool: unknown option of family clip_vision"),
-        ({"download": {"source": "zoo://digits", "family": "clip_vision", "base": "b", "tasks": {"a": {"model": "x"}}}},
-         "download.source: give either source"),
+        (
+            {"download": {"family": "clip_vision", "base": "b", "tasks": {"a": {"dataset": "d"}}}},
+            "download.tasks.a.model: required",
+        ),
+        (
+            {"download": {"family": "clip_vision", "base": "b", "tasks": {"base": {"model": "x"}}}},
+            "download.tasks.base: not a usable task name",
+        ),
+        (
+            {"download": {"family": "clip_vision", "base": "b", "tasks": {"a": {"model": "x", "split": "val", "spilt": 1}}}},
+            "download.tasks.a.spilt: unknown task option of family clip_vision",
+        ),
+        (
+            {"download": {"family": "clip_vision", "base": "b", "options": {"pool": 3}, "tasks": {"a": {"model": "x"}}}},
+            "download.options.pool: unknown option of family clip_vision",
+        ),
+        (
+            {"download": {"source": "zoo://digits", "family": "clip_vision", "base": "b", "tasks": {"a": {"model": "x"}}}},
+            "download.source: give either source",
+        ),
         ({"download": {"base": "hf://org/name"}}, "download.base: only with a family"),
     ],
 )

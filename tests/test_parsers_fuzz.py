@@ -2,6 +2,7 @@
 container and the TVQ container. Random byte mutations of a valid file (flips, overwrites,
 truncation, extension) either parse into something whose every byte range lies inside the file,
 or fail with the one-line MergeflowError naming the file: never another exception."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,12 @@ _DIR = Path(tempfile.mkdtemp(prefix="mergeflow-fuzz-"))
 
 def _tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(6, 5, generator=g), "a.bias": torch.randn(6, generator=g),
-            "ids": torch.arange(4), "half": torch.randn(3, generator=g).half()}
+    return {
+        "a.weight": torch.randn(6, 5, generator=g),
+        "a.bias": torch.randn(6, generator=g),
+        "ids": torch.arange(4),
+        "half": torch.randn(3, generator=g).half(),
+    }
 
 
 def _model_bytes() -> bytes:

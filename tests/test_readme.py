@@ -1,5 +1,6 @@
 """Every library command the README shows runs as written (BASE, M1, M2, OUT filled in with tiny
 checkpoints), and every params key it shows is one params.yaml accepts."""
+
 from __future__ import annotations
 
 import re
@@ -54,8 +55,14 @@ def test_readme_command_runs(command, world):
     fill = {"BASE": "base.safetensors", "M1": "m1.safetensors", "M2": "m2.safetensors", "OUT": "out", "T1": "t1"}
     words = [fill.get(w, w) for w in words]
     if words[:2] == ["switch", "apply"]:  # it reads the switch `compress` writes
-        assert CliRunner().invoke(app, ["compress", "--base", "base.safetensors", "--model", "m1.safetensors",
-                                        "--out", "t1.switch.safetensors"]).exit_code == 0
+        assert (
+            CliRunner()
+            .invoke(
+                app, ["compress", "--base", "base.safetensors", "--model", "m1.safetensors", "--out", "t1.switch.safetensors"]
+            )
+            .exit_code
+            == 0
+        )
     res = CliRunner().invoke(app, words)
     assert res.exit_code == 0, f"{command}\n{res.output}"
 

@@ -1,4 +1,5 @@
 """mergeflow.select: exact k-th largest / top-k masks without sorting, checked against sorting."""
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,11 @@ def test_adversarial_matches_sort(name):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtypes_exact(dtype):
     torch.manual_seed(0)
-    for values in (torch.randn(4096).abs(), torch.randint(0, 3, (999,)), torch.tensor([1e-300, 0.0, 5e-324], dtype=torch.float64)):
+    for values in (
+        torch.randn(4096).abs(),
+        torch.randint(0, 3, (999,)),
+        torch.tensor([1e-300, 0.0, 5e-324], dtype=torch.float64),
+    ):
         check_all_k(values.to(dtype))
 
 

@@ -1,4 +1,5 @@
 """mergeflow.codecs.switch: the binary task switch container (round trips, sizes, bad files)."""
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ def bitmap_bits(n: int, kept: int) -> int:
 
 
 # --- round trips -------------------------------------------------------------------------
+
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -112,6 +114,7 @@ def test_empty_switch(tmp_path):
 
 # --- sizes -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("q", [0.4, 0.1])
 def test_bits_per_param_against_the_floor(tmp_path, q):
     n = 1 << 20
@@ -155,10 +158,13 @@ def test_documented_example_bytes(tmp_path, encoding, payload):
         meta = f.metadata()
     assert (meta["format"], meta["format_version"]) == (FORMAT_NAME, str(FORMAT_VERSION))
     n_bytes = len(payload.split())
-    assert read_index(path)["tensors"] == [{"name": "w", "shape": [8], "encoding": encoding, "counts": [2, 4, 2], "bytes": n_bytes}]
+    assert read_index(path)["tensors"] == [
+        {"name": "w", "shape": [8], "encoding": encoding, "counts": [2, 4, 2], "bytes": n_bytes}
+    ]
 
 
 # --- bad files ---------------------------------------------------------------------------
+
 
 def assert_refused(path: Path, match: str = "") -> None:
     with pytest.raises(MergeflowError) as info:
@@ -266,6 +272,7 @@ def test_not_a_switch_and_missing(tmp_path):
 
 
 # --- writing: validation and atomicity ---------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "switch, match",

@@ -2,6 +2,7 @@
 pipeline and the stage deployment on a Prefect server bound to 127.0.0.1 (the session's test
 server); a process worker of the ``gpu`` pool, a subprocess, runs the merge and evaluate stages of
 a triggered pipeline run."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ from tests.hfcache import pipeline_workspace
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-SMALL_ZOO = {"n_tasks": 2, "max_samples": 300, "hidden_size": 32, "num_layers": 2, "intermediate_size": 64,
-             "pretrain_epochs": 2, "finetune_epochs": 2}
+SMALL_ZOO = {
+    "n_tasks": 2,
+    "max_samples": 300,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "intermediate_size": 64,
+    "pretrain_epochs": 2,
+    "finetune_epochs": 2,
+}
 METHODS = ["task_arithmetic", "tswitch"]
 
 
@@ -88,8 +96,13 @@ def _sqlalchemy_21() -> bool:
 
 
 @pytest.mark.subprocess  # the workspace: git and dvc init
-@pytest.mark.xfail(_sqlalchemy_21(), strict=True, raises=sqlalchemy.exc.InvalidRequestError, reason="SQLAlchemy 2.1 breaks the Prefect 3.8 server's scheduler: its bulk "
-                   "insert of scheduled flow runs raises 'Can't evaluate bulk DML statement' (pin sqlalchemy<2.1)")
+@pytest.mark.xfail(
+    _sqlalchemy_21(),
+    strict=True,
+    raises=sqlalchemy.exc.InvalidRequestError,
+    reason="SQLAlchemy 2.1 breaks the Prefect 3.8 server's scheduler: its bulk "
+    "insert of scheduled flow runs raises 'Can't evaluate bulk DML statement' (pin sqlalchemy<2.1)",
+)
 def test_server_scheduler_creates_the_cron_runs(ws, deployed):
     """What the Prefect server's scheduler service does for the deployment (its own function, on the
     test server's database): flow runs at 02:00 UTC with the params file as their parameter."""
@@ -124,7 +137,10 @@ def test_deploy_refuses_a_bad_cron_on_one_line(ws, api_url):
 
     res = CliRunner().invoke(app, ["deploy", "--params", str(ws / "params.yaml"), "--cron", "every night"])
     assert res.exit_code == 2
-    assert res.output.strip() == "mergeflow: error: --cron 'every night': not a cron expression (e.g. \"0 2 * * *\": every day at 02:00)"
+    assert (
+        res.output.strip()
+        == "mergeflow: error: --cron 'every night': not a cron expression (e.g. \"0 2 * * *\": every day at 02:00)"
+    )
 
 
 @pytest.mark.subprocess  # the workspace: git and dvc init
@@ -137,12 +153,18 @@ def test_missing_server_pool_or_stage_deployment_is_one_line(ws, api_url, deploy
 
     p = load_params(ws / "params.yaml")
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # `mergeflow run` on its temporary server
-        with pytest.raises(MergeflowError, match=r"params: run.gpu.stages \['merge', 'evaluate'\] need a Prefect server shared "
-                                                 r"with the workers of pool 'gpu': start one .*PREFECT_API_URL="):
+        with pytest.raises(
+            MergeflowError,
+            match=r"params: run.gpu.stages \['merge', 'evaluate'\] need a Prefect server shared "
+            r"with the workers of pool 'gpu': start one .*PREFECT_API_URL=",
+        ):
             run_on_pool("merge", p, ws, "x")
     p = load_params(ws / "params.yaml", ["run.gpu.pool=nopool"])
-    with pytest.raises(MergeflowError, match=r"work pool 'nopool' not found on the Prefect server at http://127\.0\.0\.1:\d+/api: "
-                                             r"create it and the stage deployment with `mergeflow deploy --params FILE`"):
+    with pytest.raises(
+        MergeflowError,
+        match=r"work pool 'nopool' not found on the Prefect server at http://127\.0\.0\.1:\d+/api: "
+        r"create it and the stage deployment with `mergeflow deploy --params FILE`",
+    ):
         run_on_pool("merge", p, ws, "x")
     ensure_process_pool("bare")
     p = load_params(ws / "params.yaml", ["run.gpu.pool=bare"])
@@ -151,8 +173,14 @@ def test_missing_server_pool_or_stage_deployment_is_one_line(ws, api_url, deploy
 
 
 def _env(api_url: str) -> dict:
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", PREFECT_API_URL=api_url,
-                PREFECT_LOGGING_LEVEL="INFO", PREFECT_WORKER_QUERY_SECONDS="1", OMP_NUM_THREADS="1")
+    return dict(
+        os.environ,
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PREFECT_API_URL=api_url,
+        PREFECT_LOGGING_LEVEL="INFO",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        OMP_NUM_THREADS="1",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +189,13 @@ def gpu_worker(api_url, deployed, tmp_path_factory):
     for the module's tests (each tells its flow runs apart by id); started once the pool exists."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "process",
-                                 "--name", "gpu-test-worker"], env=_env(api_url), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--type", "process", "--name", "gpu-test-worker"],
+            env=_env(api_url),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc, log
     finally:
@@ -196,16 +228,18 @@ def test_triggered_run_sends_merge_and_evaluate_to_the_gpu_worker(ws, deployed, 
     from tasks.cache import read_stamp
 
     def runs(client, flow_name: str, exclude=frozenset()) -> list:
-        return [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
-                if r.id not in exclude]
+        return [
+            r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name]))) if r.id not in exclude
+        ]
 
     worker, log = gpu_worker
     with get_client(sync_client=True) as client:  # the session's server may hold other modules' runs
         before = {r.id for name in ("mergeflow-stage", "mergeflow-pipeline") for r in runs(client, name)}
     run = run_deployment("mergeflow-run/nightly", parameters={"track": False}, timeout=0, as_subflow=False)
     t0 = time.perf_counter()
-    proc = subprocess.run([str(BIN / "prefect"), "flow-run", "execute", str(run.id)], env=_env(api_url),
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [str(BIN / "prefect"), "flow-run", "execute", str(run.id)], env=_env(api_url), capture_output=True, text=True, timeout=240
+    )
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
     assert worker.poll() is None  # the worker is still up
@@ -268,8 +302,14 @@ def test_dvc_transfer_moves_the_artifacts_through_the_remote(deployed, api_url, 
     params["run"]["dvc_remote"] = "team"
     ws2 = pipeline_workspace(tmp_path / "ws2", params)
     subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "team", str(tmp_path / "remote")], cwd=ws2, check=True)
-    proc = subprocess.run([str(BIN / "mergeflow"), "run", "--params", str(ws2 / "params.yaml"), "--no-track"],
-                          env=_env(api_url), cwd=ws2, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "mergeflow"), "run", "--params", str(ws2 / "params.yaml"), "--no-track"],
+        env=_env(api_url),
+        cwd=ws2,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     worker, log = gpu_worker
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
     assert "stages cached: none;" in proc.stdout
@@ -287,8 +327,13 @@ def test_dvc_transfer_moves_the_artifacts_through_the_remote(deployed, api_url, 
     assert not list((ws2 / "artifacts").glob(".transfer.*"))  # scratch folders gone
     metrics = json.loads((ws2 / "artifacts/eval/metrics.json").read_text())
     assert set(metrics["methods"]) == set(METHODS)
-    status = subprocess.run([sys.executable, "-m", "dvc", "status", "-c", "-r", "team"], cwd=ws2, capture_output=True,
-                            text=True, env=dict(os.environ, DVC_NO_ANALYTICS="1"))
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "-c", "-r", "team"],
+        cwd=ws2,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DVC_NO_ANALYTICS="1"),
+    )
     assert status.returncode == 0 and "in sync" in status.stdout, status.stdout + status.stderr
 
     # an edit to a merge option: only merge and evaluate run again, through the remote; the copy's
@@ -297,8 +342,14 @@ def test_dvc_transfer_moves_the_artifacts_through_the_remote(deployed, api_url, 
     assert inodes
     params["merge"]["task_arithmetic"] = {"scaling": 0.25}
     (ws2 / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = subprocess.run([str(BIN / "mergeflow"), "run", "--params", str(ws2 / "params.yaml"), "--no-track"],
-                          env=_env(api_url), cwd=ws2, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(BIN / "mergeflow"), "run", "--params", str(ws2 / "params.yaml"), "--no-track"],
+        env=_env(api_url),
+        cwd=ws2,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
     assert "stages cached: download, extract, compress;" in proc.stdout
     assert read_stamp(ws2, "merge") == read_stamp(copy, "merge")
@@ -325,11 +376,16 @@ def test_serve_registers_the_schedule_and_pauses_it_on_shutdown(ws, api_url, dep
 
     log = ws.parent / "serve.log"  # a file, not a pipe nobody reads (a full pipe would block the process)
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "mergeflow"), "serve", "--params", str(ws / "params.yaml"), "--cron", "30 1 * * *",
-                                 "--name", "served"], env=_env(api_url), stdout=out, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True,
-                                # a shell's background job ignores SIGINT, and a child would inherit that
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            [str(BIN / "mergeflow"), "serve", "--params", str(ws / "params.yaml"), "--cron", "30 1 * * *", "--name", "served"],
+            env=_env(api_url),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            # a shell's background job ignores SIGINT, and a child would inherit that
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
     try:
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 60

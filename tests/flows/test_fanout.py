@@ -1,5 +1,6 @@
 """Fan-out: each stage's units through the task runner — threads, or a Dask LocalCluster on
 127.0.0.1 (prefect-dask) — give the same artifacts and metrics."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,9 +12,13 @@ import torch
 
 from tests.hfcache import pipeline_workspace, small_zoo_params as params
 
+
 def digests(ws: Path) -> dict[str, str]:
-    return {str(f.relative_to(ws)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted((ws / "artifacts").rglob("*")) if f.is_file() and f.name != ".gitignore"}
+    return {
+        str(f.relative_to(ws)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted((ws / "artifacts").rglob("*"))
+        if f.is_file() and f.name != ".gitignore"
+    }
 
 
 def run(ws: Path):
@@ -46,8 +51,9 @@ def test_dask_gives_the_thread_runners_results(tmp_path, prefect_server):
     dask = pipeline_workspace(tmp_path / "dask", params(task_runner="dask", workers=2))
     run(threads)
     run(dask)
-    assert json.loads((dask / "artifacts/eval/metrics.json").read_text()) == \
-        json.loads((threads / "artifacts/eval/metrics.json").read_text())
+    assert json.loads((dask / "artifacts/eval/metrics.json").read_text()) == json.loads(
+        (threads / "artifacts/eval/metrics.json").read_text()
+    )
     # every artifact byte for byte, but where a Dask worker's other torch thread count shows in the
     # last bits: the query embeddings (the routing and metrics above do not change), and the SVD
     # merges (LAPACK blocks its work by the thread count), which must agree to float32 rounding
@@ -56,7 +62,9 @@ def test_dask_gives_the_thread_runners_results(tmp_path, prefect_server):
     svd = ("tsv_m", "tsv_c", "iso_c", "iso_cts", "cart")
     differ = {k for k in a if a[k] != b[k]}
     assert {k for k in differ if not k.startswith(tuple(f"artifacts/merged/{m}/" for m in svd))} <= {
-        "artifacts/switches/queries.safetensors", "artifacts/merged/autoswitch/queries.safetensors"}
+        "artifacts/switches/queries.safetensors",
+        "artifacts/merged/autoswitch/queries.safetensors",
+    }
     from mergeflow.io.checkpoint import Checkpoint
 
     for k in differ:

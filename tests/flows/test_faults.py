@@ -1,4 +1,5 @@
 """Faults: a run killed mid-stage resumes where it stopped; one run per workspace at a time."""
+
 from __future__ import annotations
 
 import json
@@ -34,13 +35,21 @@ class Run:
     on the Prefect server at ``api_url``, else on a temporary one of its own (a run's default)."""
 
     def __init__(self, ws: Path, api_url: str | None = None):
-        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                   PREFECT_LOGGING_LEVEL="INFO")
+        env = dict(
+            os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", PREFECT_LOGGING_LEVEL="INFO"
+        )
         env.pop("PREFECT_API_URL", None)
         if api_url:
             env["PREFECT_API_URL"] = api_url
-        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "mergeflow"), "run", "--no-track"], cwd=ws, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mergeflow"), "run", "--no-track"],
+            cwd=ws,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stdout.readline, "")), daemon=True)
         self.reader.start()
@@ -140,8 +149,9 @@ def test_second_run_waits_for_the_first(tmp_path, api_url):
     # run.dvc_remote: the committed outputs were pushed to the team's remote
     pushed = [f for f in (tmp_path / "remote").rglob("*") if f.is_file()]
     assert len(pushed) >= len([f for f in (ws / "artifacts").rglob("*") if f.is_file() and f.name != ".gitignore"]) // 2
-    assert "cache and remote are in sync" in sh([sys.executable, "-m", "dvc", "status", "-c", "-r", "team"], ws).lower() \
-        or sh([sys.executable, "-m", "dvc", "status", "-c", "-r", "team", "--json"], ws).strip() in ("{}", "")
+    assert "cache and remote are in sync" in sh([sys.executable, "-m", "dvc", "status", "-c", "-r", "team"], ws).lower() or sh(
+        [sys.executable, "-m", "dvc", "status", "-c", "-r", "team", "--json"], ws
+    ).strip() in ("{}", "")
 
 
 def test_tracking_uri_from_params_then_environment(tmp_path, monkeypatch):
@@ -242,4 +252,8 @@ def test_clean_stale_removes_only_leftovers(tmp_path):
     removed = clean_stale(art)
     assert {p.name for p in removed} == {".merged.abc.tmp", ".download.xyz", ".metrics.json.123.tmp"}
     assert [p.relative_to(art).as_posix() for p in sorted(art.rglob("*"))] == [
-        "eval", "merged", "merged/ties", "merged/ties/model.safetensors"]
+        "eval",
+        "merged",
+        "merged/ties",
+        "merged/ties/model.safetensors",
+    ]

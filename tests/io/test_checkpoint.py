@@ -1,4 +1,5 @@
 """Checkpoint I/O: round trips, lazy access, atomic writes, clear errors on bad inputs."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,9 @@ def test_sharded(tmp_path):
     d.mkdir()
     save_file({"a": torch.ones(2)}, str(d / "model-00001-of-00002.safetensors"))
     save_file({"b": torch.zeros(3)}, str(d / "model-00002-of-00002.safetensors"))
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    )
     ck = Checkpoint(d)
     assert sorted(ck.names()) == ["a", "b"] and torch.equal(ck.get("b"), torch.zeros(3))
 
@@ -58,7 +60,9 @@ def test_mismatch_errors_name_tensor(tmp_path):
     with pytest.raises(MergeflowError, match=r"tensor a has shape \[4\]"):
         check_compatible(base, Checkpoint(make(tmp_path, "m2", {"a": torch.zeros(4), "b": torch.zeros(3)})))
     with pytest.raises(MergeflowError, match="tensor c is not in the base"):
-        check_compatible(base, Checkpoint(make(tmp_path, "m3", {"a": torch.zeros(2, 2), "b": torch.zeros(3), "c": torch.zeros(1)})))
+        check_compatible(
+            base, Checkpoint(make(tmp_path, "m3", {"a": torch.zeros(2, 2), "b": torch.zeros(3), "c": torch.zeros(1)}))
+        )
 
 
 def test_missing_checkpoint(tmp_path):

@@ -5,6 +5,7 @@ snapshots/<commit>, blobs}``); the real ``snapshot_download(local_files_only=Tru
 The retry tests replace ``huggingface_hub.snapshot_download`` with a fake that fails before any
 network, and ``hub._sleep`` with a recorder.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -50,19 +51,37 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(root))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    hf_cache(root, "org/name", MAIN, {
-        "config.json": lambda p: p.write_text('{"model_type": "tiny"}'),
-        "model.safetensors": lambda p: save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, str(p)),
-    })
-    hf_cache(root, "org/name", OLD, {
-        "config.json": lambda p: p.write_text('{"model_type": "tiny"}'),
-        "model.safetensors": lambda p: save_file({"w": np.zeros((2, 3), dtype=np.float32)}, str(p)),
-    }, refs=("v1",))
-    hf_cache(root, "tanganke/mnist", DS, {
-        "README.md": lambda p: p.write_text("tiny"),
-        "data/test-00000-of-00001.parquet":
-            lambda p: pq.write_table(pa.table({"image": [b"a", b"b", b"c"], "label": [0, 1, 2]}), p),
-    }, repo_type="dataset")
+    hf_cache(
+        root,
+        "org/name",
+        MAIN,
+        {
+            "config.json": lambda p: p.write_text('{"model_type": "tiny"}'),
+            "model.safetensors": lambda p: save_file({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, str(p)),
+        },
+    )
+    hf_cache(
+        root,
+        "org/name",
+        OLD,
+        {
+            "config.json": lambda p: p.write_text('{"model_type": "tiny"}'),
+            "model.safetensors": lambda p: save_file({"w": np.zeros((2, 3), dtype=np.float32)}, str(p)),
+        },
+        refs=("v1",),
+    )
+    hf_cache(
+        root,
+        "tanganke/mnist",
+        DS,
+        {
+            "README.md": lambda p: p.write_text("tiny"),
+            "data/test-00000-of-00001.parquet": lambda p: pq.write_table(
+                pa.table({"image": [b"a", b"b", b"c"], "label": [0, 1, 2]}), p
+            ),
+        },
+        repo_type="dataset",
+    )
     return root
 
 
@@ -74,8 +93,7 @@ def test_model_resolves_to_snapshot_and_commit(cache):
     assert load_file(str(r.path / "model.safetensors"))["w"][1, 2] == 5
     assert r.ref == "hf://org/name@main" and r.pinned_ref == f"hf://org/name@{MAIN}"
     record = json.loads(json.dumps(r.as_json()))
-    assert record == {"ref": "hf://org/name@main", "repo": "org/name", "repo_type": "model",
-                      "revision": "main", "commit": MAIN}
+    assert record == {"ref": "hf://org/name@main", "repo": "org/name", "repo_type": "model", "revision": "main", "commit": MAIN}
     assert r.as_json(with_path=True)["path"] == str(snap)
 
 
@@ -164,10 +182,15 @@ def test_offline_env_read_when_called(cache, tmp_path, monkeypatch):
 
 
 def test_torch_weights_only_without_safetensors(cache, monkeypatch):
-    hf_cache(cache, "org/old", OLD, {
-        "config.json": lambda p: p.write_text("{}"),
-        "pytorch_model.bin": lambda p: p.write_bytes(b"not really a pickle"),
-    })
+    hf_cache(
+        cache,
+        "org/old",
+        OLD,
+        {
+            "config.json": lambda p: p.write_text("{}"),
+            "pytorch_model.bin": lambda p: p.write_bytes(b"not really a pickle"),
+        },
+    )
     calls = []
     real = hub._snapshot_download
 
@@ -194,11 +217,27 @@ def test_parse_ref():
     assert hub.parse_ref("hf://org/name@v1.0") == ("model", "org/name", "v1.0")
     assert hub.parse_ref(f"hf://Org-x/na_me.2@{MAIN}") == ("model", "Org-x/na_me.2", MAIN)
     assert hub.parse_ref("hf://datasets/tanganke/mnist") == ("dataset", "tanganke/mnist", None)
-    assert hub.parse_ref("hf://datasets/tanganke/mnist@refs/convert/parquet") == \
-        ("dataset", "tanganke/mnist", "refs/convert/parquet")
-    for ref in ("hf://justname", "hf://a/b/c", "hf://org/name@", "org/name", "hf://datasets/mnist",
-                "hf://datasets/a/b/c", "hf://org/na me", "hf://org/", "hf:///name", "hf://org/name@a b",
-                "hf://org/name@../../x", "hf://../name", "hf://models/org/name", ""):
+    assert hub.parse_ref("hf://datasets/tanganke/mnist@refs/convert/parquet") == (
+        "dataset",
+        "tanganke/mnist",
+        "refs/convert/parquet",
+    )
+    for ref in (
+        "hf://justname",
+        "hf://a/b/c",
+        "hf://org/name@",
+        "org/name",
+        "hf://datasets/mnist",
+        "hf://datasets/a/b/c",
+        "hf://org/na me",
+        "hf://org/",
+        "hf:///name",
+        "hf://org/name@a b",
+        "hf://org/name@../../x",
+        "hf://../name",
+        "hf://models/org/name",
+        "",
+    ):
         with pytest.raises(MergeflowError) as exc:
             hub.parse_ref(ref)
         assert "expected hf://org/name[@revision] or hf://datasets/org/name[@revision]" in one_line(exc), ref
@@ -235,6 +274,7 @@ def test_cache_commit(cache):
 
 # --- retries, with a fake snapshot_download that fails before any network -----------------------
 
+
 def http_error(cls, status):
     request = httpx2.Request("GET", "https://huggingface.co/api/models/org/name")
     return cls(f"{status} error", response=httpx2.Response(status, request=request))
@@ -265,14 +305,17 @@ def flaky(cache, monkeypatch):
     return state
 
 
-@pytest.mark.parametrize("make", [
-    lambda: requests.ConnectionError("connection reset"),
-    lambda: httpx2.ConnectError("connection refused"),
-    lambda: httpx2.ReadTimeout("read timed out"),
-    lambda: http_error(HfHubHTTPError, 503),
-    lambda: http_error(HfHubHTTPError, 429),
-    lambda: local_entry_from(httpx2.ConnectError("name resolution failed")),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: requests.ConnectionError("connection reset"),
+        lambda: httpx2.ConnectError("connection refused"),
+        lambda: httpx2.ReadTimeout("read timed out"),
+        lambda: http_error(HfHubHTTPError, 503),
+        lambda: http_error(HfHubHTTPError, 429),
+        lambda: local_entry_from(httpx2.ConnectError("name resolution failed")),
+    ],
+)
 def test_transient_errors_are_retried(flaky, make):
     flaky["errors"] = [make(), make()]
     r = hub.resolve("org/name", offline=False, retries=3, backoff=0.5)
@@ -294,13 +337,16 @@ def test_gives_up_after_retries(flaky):
     assert flaky["calls"] == 1 and flaky["sleeps"] == []
 
 
-@pytest.mark.parametrize("error, message", [
-    (http_error(RepositoryNotFoundError, 404), "model repository org/name not found"),
-    (http_error(RevisionNotFoundError, 404), "revision 'main' not found"),
-    (http_error(HfHubHTTPError, 401), "access refused (HTTP 401)"),
-    (local_entry_from(OfflineModeIsEnabled("offline")), "not in the local cache"),
-    (ValueError("bad argument"), "cannot resolve (ValueError: bad argument)"),
-])
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (http_error(RepositoryNotFoundError, 404), "model repository org/name not found"),
+        (http_error(RevisionNotFoundError, 404), "revision 'main' not found"),
+        (http_error(HfHubHTTPError, 401), "access refused (HTTP 401)"),
+        (local_entry_from(OfflineModeIsEnabled("offline")), "not in the local cache"),
+        (ValueError("bad argument"), "cannot resolve (ValueError: bad argument)"),
+    ],
+)
 def test_permanent_errors_are_not_retried(flaky, error, message):
     flaky["errors"] = [error]
     with pytest.raises(MergeflowError) as exc:
@@ -319,13 +365,18 @@ def test_not_a_snapshot_folder(cache, monkeypatch):
 def test_subfolder_limits_a_model_to_one_folder(cache):
     """One repo, a checkpoint per folder: the subfolder's weights make the snapshot, safetensors first."""
     commit = "abcabcabcabcabcabcabcabcabcabcabcabcabca"
-    hf_cache(cache, "org/multi", commit, {
-        "a/config.json": lambda p: p.write_text("{}"),
-        "a/model.safetensors": lambda p: save_file({"w": np.ones(2, dtype=np.float32)}, str(p)),
-        "b/config.json": lambda p: p.write_text("{}"),
-        "b/pytorch_model.bin": lambda p: p.write_bytes(b"not read here"),
-        "c/config.json": lambda p: p.write_text("{}"),
-    })
+    hf_cache(
+        cache,
+        "org/multi",
+        commit,
+        {
+            "a/config.json": lambda p: p.write_text("{}"),
+            "a/model.safetensors": lambda p: save_file({"w": np.ones(2, dtype=np.float32)}, str(p)),
+            "b/config.json": lambda p: p.write_text("{}"),
+            "b/pytorch_model.bin": lambda p: p.write_bytes(b"not read here"),
+            "c/config.json": lambda p: p.write_text("{}"),
+        },
+    )
     for folder in ("a", "b", "b/"):
         r = hub.resolve("org/multi", subfolder=folder)
         assert r.commit == commit and r.path.name == commit

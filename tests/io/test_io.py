@@ -1,5 +1,6 @@
 """Checkpoint reading: safetensors (single, sharded, every dtype), .bin/.pt through a weights-only
 load, hf:// refs through an offline Hugging Face cache, and one-line errors naming file and tensor."""
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,11 @@ def write_dir(path, tensors, *, config=True):
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bitwise equality of dtype, shape and bytes (works for float8 and bool too)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def one_line_error(excinfo) -> str:
@@ -49,6 +54,7 @@ def one_line_error(excinfo) -> str:
 
 # --- safetensors ------------------------------------------------------------------------------
 
+
 def test_every_dtype_shape_round_trips(tmp_path):
     g = torch.Generator().manual_seed(0)
     sd = {
@@ -56,9 +62,9 @@ def test_every_dtype_shape_round_trips(tmp_path):
         "f32": torch.randn(5, generator=g),
         "f16": torch.randn(2, 3, dtype=torch.float16, generator=g),
         "bf16": torch.randn(7, dtype=torch.bfloat16, generator=g),
-        "i64": torch.randint(-2**40, 2**40, (4,), generator=g),
-        "i32": torch.randint(-2**30, 2**30, (2, 2), dtype=torch.int32, generator=g),
-        "i16": torch.randint(-2**14, 2**14, (3,), dtype=torch.int16, generator=g),
+        "i64": torch.randint(-(2**40), 2**40, (4,), generator=g),
+        "i32": torch.randint(-(2**30), 2**30, (2, 2), dtype=torch.int32, generator=g),
+        "i16": torch.randint(-(2**14), 2**14, (3,), dtype=torch.int16, generator=g),
         "i8": torch.randint(-128, 127, (5,), dtype=torch.int8, generator=g),
         "u8": torch.randint(0, 255, (6,), dtype=torch.uint8, generator=g),
         "bool": torch.rand(9, generator=g) > 0.5,
@@ -89,8 +95,8 @@ def test_get_reads_one_tensor_at_call_time_into_fresh_memory(tmp_path):
     # overwrite b's bytes in place (same file size): a still reads right, b reads the new bytes
     data = bytearray((d / "model.safetensors").read_bytes())
     n = struct.unpack("<Q", data[:8])[0]
-    offsets = json.loads(data[8:8 + n])["b"]["data_offsets"]
-    data[8 + n + offsets[0]: 8 + n + offsets[1]] = torch.tensor([1.0, float("nan"), 2.0]).numpy().tobytes()
+    offsets = json.loads(data[8 : 8 + n])["b"]["data_offsets"]
+    data[8 + n + offsets[0] : 8 + n + offsets[1]] = torch.tensor([1.0, float("nan"), 2.0]).numpy().tobytes()
     (d / "model.safetensors").write_bytes(bytes(data))
     assert torch.equal(ck.get("a"), a)
     with pytest.raises(MergeflowError) as exc:
@@ -101,8 +107,10 @@ def test_get_reads_one_tensor_at_call_time_into_fresh_memory(tmp_path):
 def test_sharded_via_index(tmp_path):
     d = tmp_path / "sharded"
     d.mkdir()
-    shards = {"model-00001-of-00002.safetensors": {"x.w": torch.randn(2, 3), "x.b": torch.randn(3)},
-              "model-00002-of-00002.safetensors": {"y.w": torch.randn(4).bfloat16()}}
+    shards = {
+        "model-00001-of-00002.safetensors": {"x.w": torch.randn(2, 3), "x.b": torch.randn(3)},
+        "model-00002-of-00002.safetensors": {"y.w": torch.randn(4).bfloat16()},
+    }
     for shard, tensors in shards.items():
         save_file(tensors, str(d / shard))
     weight_map = {name: shard for shard, tensors in shards.items() for name in tensors}
@@ -168,18 +176,34 @@ def raw_safetensors(path, header: bytes, data: bytes = b""):
     return path
 
 
-@pytest.mark.parametrize("header, data, expected", [
-    (b"{not json", b"", "invalid safetensors header JSON"),
-    (b"[1, 2]", b"", "invalid safetensors header (not a JSON object)"),
-    (json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode(), b"\0" * 4,
-     "tensor w has data_offsets [0, 4] for shape [2] F32 (8 bytes)"),
-    (json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-                 "v": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode(), b"\0" * 4,
-     "data overlaps another tensor or leaves a gap"),
-    (json.dumps({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}).encode(), b"\0", "tensor w has dtype Q7"),
-    (json.dumps({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}).encode(), b"\0" * 4,
-     "tensor w has an invalid header entry"),
-])
+@pytest.mark.parametrize(
+    "header, data, expected",
+    [
+        (b"{not json", b"", "invalid safetensors header JSON"),
+        (b"[1, 2]", b"", "invalid safetensors header (not a JSON object)"),
+        (
+            json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}).encode(),
+            b"\0" * 4,
+            "tensor w has data_offsets [0, 4] for shape [2] F32 (8 bytes)",
+        ),
+        (
+            json.dumps(
+                {
+                    "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                    "v": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                }
+            ).encode(),
+            b"\0" * 4,
+            "data overlaps another tensor or leaves a gap",
+        ),
+        (json.dumps({"w": {"dtype": "Q7", "shape": [1], "data_offsets": [0, 1]}}).encode(), b"\0", "tensor w has dtype Q7"),
+        (
+            json.dumps({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}).encode(),
+            b"\0" * 4,
+            "tensor w has an invalid header entry",
+        ),
+    ],
+)
 def test_corrupt_headers(tmp_path, header, data, expected):
     f = raw_safetensors(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(MergeflowError) as exc:
@@ -208,6 +232,7 @@ def test_unknown_tensor_name(tmp_path):
 
 # --- compatibility and finiteness ---------------------------------------------------------------
 
+
 def test_check_compatible_names_shapes_dtypes(tmp_path):
     base = Checkpoint(write_dir(tmp_path / "base", {"w": torch.zeros(2, 2).bfloat16(), "ids": torch.arange(3)}))
     fp16 = write_dir(tmp_path / "fp16", {"w": torch.zeros(2, 2).half(), "ids": torch.arange(3)})
@@ -218,7 +243,9 @@ def test_check_compatible_names_shapes_dtypes(tmp_path):
     with pytest.raises(MergeflowError, match="tensor w has dtype float32, base .* has bfloat16"):
         check_compatible(base, Checkpoint(f32))
     # non-floating buffers (copied from the base) may differ in integer width
-    check_compatible(base, Checkpoint(write_dir(tmp_path / "ok", {"w": torch.ones(2, 2).bfloat16(), "ids": torch.arange(3).int()})))
+    check_compatible(
+        base, Checkpoint(write_dir(tmp_path / "ok", {"w": torch.ones(2, 2).bfloat16(), "ids": torch.arange(3).int()}))
+    )
     missing = write_dir(tmp_path / "missing", {"w": torch.zeros(2, 2).bfloat16()})
     with pytest.raises(MergeflowError) as exc:
         check_compatible(base, Checkpoint(missing))
@@ -243,6 +270,7 @@ def test_check_finite():
 
 
 # --- .bin / .pt ---------------------------------------------------------------------------------
+
 
 def test_bin_directory_and_files(tmp_path):
     w = torch.randn(3, 4)
@@ -272,7 +300,10 @@ def test_bin_directory_and_files(tmp_path):
 def test_sharded_bin_via_index(tmp_path):
     d = tmp_path / "binsharded"
     d.mkdir()
-    parts = {"pytorch_model-00001-of-00002.bin": {"a": torch.randn(3)}, "pytorch_model-00002-of-00002.bin": {"b": torch.randn(2, 2)}}
+    parts = {
+        "pytorch_model-00001-of-00002.bin": {"a": torch.randn(3)},
+        "pytorch_model-00002-of-00002.bin": {"b": torch.randn(2, 2)},
+    }
     for shard, tensors in parts.items():
         torch.save(tensors, d / shard)
     weight_map = {name: shard for shard, tensors in parts.items() for name in tensors}
@@ -293,12 +324,18 @@ def test_weights_only_refuses_pickled_objects(tmp_path):
     assert msg.startswith(f"{f}: refused by torch.load(weights_only=True)") and "Custom" in msg
 
 
-@pytest.mark.parametrize("obj, expected", [
-    ([torch.ones(1)], "not a state dict of tensors (top level is a list)"),
-    (torch.ones(1), "not a state dict of tensors (top level is a Tensor)"),
-    ({"state_dict": {"w": torch.ones(1)}}, "tensor state_dict is a dict, not a dense tensor (nested state dicts are not supported)"),
-    ({"w": torch.ones(1), "step": 3}, "tensor step is a int, not a dense tensor"),
-])
+@pytest.mark.parametrize(
+    "obj, expected",
+    [
+        ([torch.ones(1)], "not a state dict of tensors (top level is a list)"),
+        (torch.ones(1), "not a state dict of tensors (top level is a Tensor)"),
+        (
+            {"state_dict": {"w": torch.ones(1)}},
+            "tensor state_dict is a dict, not a dense tensor (nested state dicts are not supported)",
+        ),
+        ({"w": torch.ones(1), "step": 3}, "tensor step is a int, not a dense tensor"),
+    ],
+)
 def test_bin_that_is_not_a_flat_state_dict(tmp_path, obj, expected):
     f = tmp_path / "x.pt"
     torch.save(obj, f)
@@ -326,6 +363,7 @@ def test_missing_directory_contents(tmp_path):
 
 
 # --- lifetime -----------------------------------------------------------------------------------
+
 
 def test_close_context_and_pickle(tmp_path):
     sd = {"a": torch.randn(5)}
@@ -362,6 +400,7 @@ def test_peak_memory_is_one_tensor_not_the_file(tmp_path):
 
 # --- hf:// refs through an offline Hugging Face cache --------------------------------------------
 
+
 def hf_cache(root, repo, commit, files):
     """The layout huggingface_hub writes: blobs/, refs/main (the commit, no newline), snapshots/<commit>/ links."""
     storage = root / ("models--" + repo.replace("/", "--"))
@@ -390,10 +429,15 @@ def offline_hub(tmp_path, monkeypatch):
 def test_hf_ref_resolves_from_offline_cache(offline_hub):
     commit = "0123456789abcdef0123456789abcdef01234567"
     sd = {"w": torch.randn(2, 3)}
-    snap = hf_cache(offline_hub, "org/name", commit, {
-        "config.json": lambda p: p.write_text("{}"),
-        "model.safetensors": lambda p: save_file(sd, str(p)),
-    })
+    snap = hf_cache(
+        offline_hub,
+        "org/name",
+        commit,
+        {
+            "config.json": lambda p: p.write_text("{}"),
+            "model.safetensors": lambda p: save_file(sd, str(p)),
+        },
+    )
     for ref in ("hf://org/name", f"hf://org/name@{commit}", "hf://org/name@main"):
         path = resolve_ref(ref)
         assert path.resolve() == snap.resolve(), ref
@@ -404,10 +448,15 @@ def test_hf_ref_resolves_from_offline_cache(offline_hub):
 def test_hf_ref_bin_only_repo(offline_hub):
     commit = "89abcdef0123456789abcdef0123456789abcdef"
     sd = {"w": torch.randn(4)}
-    hf_cache(offline_hub, "org/old", commit, {
-        "config.json": lambda p: p.write_text("{}"),
-        "pytorch_model.bin": lambda p: torch.save(sd, p),
-    })
+    hf_cache(
+        offline_hub,
+        "org/old",
+        commit,
+        {
+            "config.json": lambda p: p.write_text("{}"),
+            "pytorch_model.bin": lambda p: torch.save(sd, p),
+        },
+    )
     assert torch.equal(Checkpoint(resolve_ref("hf://org/old")).get("w"), sd["w"])
 
 
@@ -428,9 +477,11 @@ def test_saved_safetensors_are_byte_identical_across_processes(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys, torch; from mergeflow.io.checkpoint import save_tensors; "
-              "save_tensors(sys.argv[1], {'b': torch.arange(3.0), 'a': torch.ones(2, 2)}, "
-              "{k: k * 3 for k in 'qwertyuiop'})")
+    script = (
+        "import sys, torch; from mergeflow.io.checkpoint import save_tensors; "
+        "save_tensors(sys.argv[1], {'b': torch.arange(3.0), 'a': torch.ones(2, 2)}, "
+        "{k: k * 3 for k in 'qwertyuiop'})"
+    )
     files = [tmp_path / f"{i}.safetensors" for i in range(3)]
     for f in files:
         subprocess.run([sys.executable, "-c", script, str(f)], check=True)
@@ -438,7 +489,7 @@ def test_saved_safetensors_are_byte_identical_across_processes(tmp_path):
     from safetensors import safe_open
 
     raw = files[0].read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert list(header["__metadata__"]) == sorted("qwertyuiop")
     with safe_open(str(files[0]), framework="pt") as fh:
         assert fh.metadata() == {k: k * 3 for k in "qwertyuiop"}

@@ -1,4 +1,5 @@
 """The ownership rule (mergeflow/io/outputs.py) through the atomic writers every output uses."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The streaming engine and writer: layout like the base, dtypes, atomicity, CLI merge end to end."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,10 @@ def pico(seed: int, scale: float = 0.0, base: dict | None = None) -> dict[str, t
             "layers.0.norm.weight": torch.ones(8),
             "position_ids": torch.arange(16),
         }
-    return {k: ((v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v)
-            for k, v in base.items()}
+    return {
+        k: ((v.float() + scale * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v)
+        for k, v in base.items()
+    }
 
 
 def save_dir(path, sd, shards: list[list[str]] | None = None):
@@ -157,8 +160,23 @@ def test_memory_api_matches_disk_and_keeps_inputs(models):
 def test_cli_merge_end_to_end(models, tmp_path):
     base, fts, b, ft = models
     out = tmp_path / "cli"
-    res = CliRunner().invoke(app, ["merge", "--method", "task_arithmetic", "--base", str(b), "--out", str(out),
-                                   "--set", "scaling=0.5", "--device", "cpu", *map(str, ft)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "merge",
+            "--method",
+            "task_arithmetic",
+            "--base",
+            str(b),
+            "--out",
+            str(out),
+            "--set",
+            "scaling=0.5",
+            "--device",
+            "cpu",
+            *map(str, ft),
+        ],
+    )
     assert res.exit_code == 0, res.output
     got = Checkpoint(out).state_dict()
     for k, v in expected_ta(base, fts, 0.5).items():
@@ -168,11 +186,14 @@ def test_cli_merge_end_to_end(models, tmp_path):
     assert sorted(p.name for p in (tmp_path / "emr").iterdir()) == [".mergeflow-output", "task_0", "task_1", "task_2"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--set", "density=2"], "density"),
-    (["--set", "nope=1"], "nope"),
-    (["--set", "scope=layer"], "scope"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "density=2"], "density"),
+        (["--set", "nope=1"], "nope"),
+        (["--set", "scope=layer"], "scope"),
+    ],
+)
 def test_cli_merge_bad_hyper_parameters(models, tmp_path, args, message):
     _, _, b, ft = models
     out = tmp_path / "x"
@@ -193,9 +214,17 @@ def test_cuda_matches_cpu(models):
                 assert torch.allclose(a[k].float(), g[k].float(), rtol=1e-5, atol=1e-6), (name, k)
 
 
-@pytest.mark.parametrize("name, hp", [("task_arithmetic", {"scaling": 0.4}), ("weight_average", {}),
-                                      ("ties", {"density": 0.3}), ("ties", {"density": 0.3, "scope": "global"}),
-                                      ("ties", {"density": 1.0}), ("ties", {"density": 0.0})])
+@pytest.mark.parametrize(
+    "name, hp",
+    [
+        ("task_arithmetic", {"scaling": 0.4}),
+        ("weight_average", {}),
+        ("ties", {"density": 0.3}),
+        ("ties", {"density": 0.3, "scope": "global"}),
+        ("ties", {"density": 1.0}),
+        ("ties", {"density": 0.0}),
+    ],
+)
 def test_blockwise_equals_whole_tensor(monkeypatch, name, hp):
     """Block-wise methods give what the method computes on whole tensors, for any block size."""
     import mergeflow.merge.engine as engine
@@ -252,11 +281,17 @@ def _extra(path):
     save_file(sd, str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("damage, words", [
-    (_truncate, ["model.safetensors"]), (_reshape, ["layers.0.q.weight", "shape"]),
-    (_drop, ["layers.0.norm.weight", "missing"]), (_retype, ["layers.0.q.weight", "float16"]),
-    (_nan, ["embed.weight", "Inf"]), (_extra, ["extra.weight"]),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (_truncate, ["model.safetensors"]),
+        (_reshape, ["layers.0.q.weight", "shape"]),
+        (_drop, ["layers.0.norm.weight", "missing"]),
+        (_retype, ["layers.0.q.weight", "float16"]),
+        (_nan, ["embed.weight", "Inf"]),
+        (_extra, ["extra.weight"]),
+    ],
+)
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "emr"])
 def test_cli_merge_refuses_damaged_input(models, tmp_path, damage, words, method):
     """A damaged fine-tune: exit non-zero, one line naming the file and tensor, no output."""

@@ -1,5 +1,6 @@
 """The fused CPU kernels against their definitions and against the torch code they replace,
 and the engine giving the same merge through either path."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -159,15 +160,25 @@ def test_mode_env(monkeypatch):
 
 # --- the engine: same merge through either path ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """bf16 base + 3 fine-tunes, one tensor above 1M elements (sampled selection), sharded base."""
     root = tmp_path_factory.mktemp("kernels")
     g = torch.Generator().manual_seed(0)
-    base = {"big.weight": torch.randn(1100, 1000, generator=g).bfloat16(), "small.weight": torch.randn(7, 9, generator=g).bfloat16(),
-            "norm.weight": torch.ones(9), "ids": torch.arange(5)}
-    fts = [{k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
-            for k, v in base.items()} for _ in range(3)]
+    base = {
+        "big.weight": torch.randn(1100, 1000, generator=g).bfloat16(),
+        "small.weight": torch.randn(7, 9, generator=g).bfloat16(),
+        "norm.weight": torch.ones(9),
+        "ids": torch.arange(5),
+    }
+    fts = [
+        {
+            k: (v.float() + 0.02 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+        for _ in range(3)
+    ]
     b = save_dir(root / "base", base, [["big.weight", "ids"], ["small.weight", "norm.weight"]])
     return b, [save_dir(root / f"ft{i}", sd) for i, sd in enumerate(fts)]
 
@@ -178,11 +189,21 @@ def _merge_to(tmp, ckpts, method, hp, mode, monkeypatch):
     base = Checkpoint(b)
     out = tmp / f"{method}-{mode}"
     merge_to_disk(methods.get(method), base, [TaskVectors.from_model(base, f) for f in fts], hp, out)
-    return {**load_file(str(out / "model-00001-of-00002.safetensors")), **load_file(str(out / "model-00002-of-00002.safetensors"))}
+    return {
+        **load_file(str(out / "model-00001-of-00002.safetensors")),
+        **load_file(str(out / "model-00002-of-00002.safetensors")),
+    }
 
 
-@pytest.mark.parametrize("method,hp", [("ties", {"density": 0.2}), ("ties", {"density": 0.5, "scope": "global"}),
-                                       ("task_arithmetic", {"scaling": 0.4}), ("weight_average", {})])
+@pytest.mark.parametrize(
+    "method,hp",
+    [
+        ("ties", {"density": 0.2}),
+        ("ties", {"density": 0.5, "scope": "global"}),
+        ("task_arithmetic", {"scaling": 0.4}),
+        ("weight_average", {}),
+    ],
+)
 def test_engine_same_merge_fused_and_torch(tmp_path, ckpts, monkeypatch, method, hp):
     fused = _merge_to(tmp_path, ckpts, method, hp, "numba", monkeypatch)
     plain = _merge_to(tmp_path, ckpts, method, hp, "torch", monkeypatch)
@@ -241,11 +262,13 @@ def test_parallel_reads_into_reused_buffers_give_every_input_its_own_memory(tmp_
 
 # --- switch runtime kernels --------------------------------------------------------------------------
 
+
 def _switch_bits(rng: np.random.Generator, t: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(keep [t, n] bool, sign [t, n] bool, byte pairs uint16 [t, ceil(n/8)], coefficients float32)."""
     keep, sign = rng.random((t, n)) < 0.4, rng.random((t, n)) < 0.5
-    pairs = np.ascontiguousarray(np.stack([np.packbits(keep, axis=-1, bitorder="little"),
-                                           np.packbits(sign, axis=-1, bitorder="little")], -1)).view(np.uint16)[..., 0]
+    pairs = np.ascontiguousarray(
+        np.stack([np.packbits(keep, axis=-1, bitorder="little"), np.packbits(sign, axis=-1, bitorder="little")], -1)
+    ).view(np.uint16)[..., 0]
     return keep, sign, pairs, rng.uniform(-3e-3, 3e-3, t).astype(np.float32)
 
 

@@ -1,6 +1,7 @@
 """docs/adding-a-method.md works as written: its example, saved as one new file in a copy of the
 package, is listed by `mergeflow methods`, merges through `mergeflow merge` as its definition
 says, passes the contract tests, and becomes part of every stage's code (dvc.yaml unchanged)."""
+
 from __future__ import annotations
 
 import os
@@ -55,9 +56,23 @@ def test_listed_and_merged_by_the_cli(copy, tmp_path):
     save_file(base, str(tmp_path / "base.safetensors"))
     for i, tau in enumerate(taus):
         save_file({"w": base["w"] + tau}, str(tmp_path / f"m{i}.safetensors"))
-    merged = run(copy, "-c", "from flows.cli import main; main()", "merge", "--method", "sign_agree",
-                 "--base", str(tmp_path / "base.safetensors"), "--out", str(tmp_path / "out"), "--set", "agree=0.75",
-                 "--set", "scaling=1.0", *(str(tmp_path / f"m{i}.safetensors") for i in range(3)))
+    merged = run(
+        copy,
+        "-c",
+        "from flows.cli import main; main()",
+        "merge",
+        "--method",
+        "sign_agree",
+        "--base",
+        str(tmp_path / "base.safetensors"),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        "agree=0.75",
+        "--set",
+        "scaling=1.0",
+        *(str(tmp_path / f"m{i}.safetensors") for i in range(3)),
+    )
     assert merged.returncode == 0, merged.stderr
     # sum (1, 2, 0, 1.5); sign agreement per entry 2, 2, 0 (sum 0: no sign), 3 of 3 -> only the last has >= 0.75 * 3
     out = load_file(str(next((tmp_path / "out").glob("*.safetensors"))))["w"]
@@ -72,9 +87,11 @@ def test_covered_by_the_contract_tests(copy):
 
 
 def test_part_of_every_stage_without_editing_dvc_yaml(copy):
-    code = ("from mergeflow.stages import STAGES, spec\n"
-            "print(all(any(f.name == 'sign_agree.py' for f in spec.code_files(s)) for s in STAGES))\n"
-            "print(open('dvc.yaml').read() == spec.dvc_yaml())")
+    code = (
+        "from mergeflow.stages import STAGES, spec\n"
+        "print(all(any(f.name == 'sign_agree.py' for f in spec.code_files(s)) for s in STAGES))\n"
+        "print(open('dvc.yaml').read() == spec.dvc_yaml())"
+    )
     res = run(copy, "-c", code)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["True", "True"]

@@ -1,4 +1,5 @@
 """CAT Merging and the layer-input statistics it reads, against their definitions."""
+
 from __future__ import annotations
 
 import pytest
@@ -61,8 +62,10 @@ def test_projections_of_one_input_share_one_matrix():
         torch.testing.assert_close(stats[name].value, want)
         assert stats[name].rows == 25
     assert stats["k.weight"].value is stats["q.weight"].value is stats["v.weight"].value  # one matrix in memory
-    o_in = ((model.q(batches[0]) * model.k(batches[0]) + model.v(batches[0])).reshape(-1, 4).double(),
-            (model.q(batches[1]) * model.k(batches[1]) + model.v(batches[1])).reshape(-1, 4).double())
+    o_in = (
+        (model.q(batches[0]) * model.k(batches[0]) + model.v(batches[0])).reshape(-1, 4).double(),
+        (model.q(batches[1]) * model.k(batches[1]) + model.v(batches[1])).reshape(-1, 4).double(),
+    )
     o_rows = torch.cat(o_in)
     torch.testing.assert_close(stats["o.weight"].value, o_rows.T @ o_rows / 25)
 
@@ -137,8 +140,11 @@ def test_removal_basis_maximises_the_objective():
     taus = [torch.randn(out, inp, dtype=torch.float64) for _ in range(T)]
 
     def objective(b, k):
-        return sum(float((xs[k] @ taus[i].T @ b @ b.T).pow(2).sum() / 20 - lam * (xs[i] @ taus[i].T @ b @ b.T).pow(2).sum() / 20)
-                   for i in range(T) if i != k)
+        return sum(
+            float((xs[k] @ taus[i].T @ b @ b.T).pow(2).sum() / 20 - lam * (xs[i] @ taus[i].T @ b @ b.T).pow(2).sum() / 20)
+            for i in range(T)
+            if i != k
+        )
 
     for k in range(T):
         b = removal_basis(taus, grams, k, c, lam)
@@ -241,8 +247,19 @@ def test_cli_merge_refuses_cat_in_one_line(tmp_path):
     base = {k: v.detach().clone().contiguous() for k, v in tiny().state_dict().items()}
     save_file(base, str(tmp_path / "base.safetensors"))
     save_file({k: v + 1 for k, v in base.items()}, str(tmp_path / "a.safetensors"))
-    res = CliRunner().invoke(app, ["merge", "--method", "cat", "--base", str(tmp_path / "base.safetensors"),
-                                   "--out", str(tmp_path / "out"), str(tmp_path / "a.safetensors")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "merge",
+            "--method",
+            "cat",
+            "--base",
+            str(tmp_path / "base.safetensors"),
+            "--out",
+            str(tmp_path / "out"),
+            str(tmp_path / "a.safetensors"),
+        ],
+    )
     assert res.exit_code != 0
     lines = [line for line in res.output.splitlines() if "error" in line]
     assert len(lines) == 1 and "needs layer-inputs statistics" in lines[0]

@@ -7,6 +7,7 @@ copied from the base, inputs unchanged, the same result twice and on disk as in 
 declared ranges enforced, old spellings accepted, and a storage figure between nothing and
 one float32 copy per task plus the base.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -38,8 +39,13 @@ def model(seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
 
 def finetunes(base: dict[str, torch.Tensor], n: int = 3, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [{k: (v + 0.5 * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v.clone()
-             for k, v in base.items()} for _ in range(n)]
+    return [
+        {
+            k: (v + 0.5 * torch.randn(v.shape, generator=g).to(v.dtype)) if v.is_floating_point() else v.clone()
+            for k, v in base.items()
+        }
+        for _ in range(n)
+    ]
 
 
 def data_for(method: methods.Method, base: dict[str, torch.Tensor], n_tasks: int):

@@ -8,6 +8,7 @@ CABS: per tensor, blocks of m consecutive entries; tasks in ``order`` each keep 
 tail of r < m entries keeps floor(n r / m); result sum_t lambda_t mask_t tau_t.
 References here are plain loops and sorts, never the library's helpers.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,9 +55,17 @@ SHAPES = {
     "final_norm.weight": (6,),
     "head.weight": (3, 6),
 }
-DEPTH = {"embed.weight": 0, "enc.layers.0.attn.weight": 0, "enc.layers.0.norm.bias": 0, "enc.layers.1.attn.weight": 1,
-         "enc.layers.2.attn.weight": 2, "enc.layers.3.attn.weight": 3, "enc.layers.3.norm.bias": 3,
-         "final_norm.weight": 0, "head.weight": 0}
+DEPTH = {
+    "embed.weight": 0,
+    "enc.layers.0.attn.weight": 0,
+    "enc.layers.0.norm.bias": 0,
+    "enc.layers.1.attn.weight": 1,
+    "enc.layers.2.attn.weight": 2,
+    "enc.layers.3.attn.weight": 3,
+    "enc.layers.3.norm.bias": 3,
+    "final_norm.weight": 0,
+    "head.weight": 0,
+}
 
 
 def stack_model(seed=0, shapes=SHAPES):
@@ -74,8 +83,13 @@ def finetunes(base, n, seed=1, scale=0.5):
 
 def test_layer_depths_synthetic_rules():
     names = ["emb.w", "enc.layers.0.w", "enc.layers.1.w", "enc.layers.3.b", "norm.w"]
-    assert layer_depths(names) == {"emb.w": (0, 4), "enc.layers.0.w": (0, 4), "enc.layers.1.w": (1, 4),
-                                   "enc.layers.3.b": (3, 4), "norm.w": (0, 4)}  # L = largest index + 1
+    assert layer_depths(names) == {
+        "emb.w": (0, 4),
+        "enc.layers.0.w": (0, 4),
+        "enc.layers.1.w": (1, 4),
+        "enc.layers.3.b": (3, 4),
+        "norm.w": (0, 4),
+    }  # L = largest index + 1
     # the main stack is the one with most distinct indices; others count as outside (depth 0)
     names = ["a.layers.0.x", "a.layers.1.x", "b.h.0.x", "b.h.1.x", "b.h.2.x", "b.h.2.mlp.layers.0.y"]
     d = layer_depths(names)
@@ -87,9 +101,14 @@ def test_layer_depths_synthetic_rules():
     for kind in ("layers", "layer", "h", "blocks", "resblocks"):
         assert layer_depths([f"m.{kind}.0.w", f"m.{kind}.4.w", "m.out"])[f"m.{kind}.4.w"] == (4, 5)
     # open_clip naming, as in the LiNeS authors' checkpoints
-    oc = ["model.visual.class_embedding", "model.visual.conv1.weight", "model.visual.ln_pre.weight",
-          *[f"model.visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(12)],
-          "model.visual.ln_post.weight", "model.visual.proj"]
+    oc = [
+        "model.visual.class_embedding",
+        "model.visual.conv1.weight",
+        "model.visual.ln_pre.weight",
+        *[f"model.visual.transformer.resblocks.{i}.attn.in_proj_weight" for i in range(12)],
+        "model.visual.ln_post.weight",
+        "model.visual.proj",
+    ]
     d = layer_depths(oc)
     assert d["model.visual.transformer.resblocks.11.attn.in_proj_weight"] == (11, 12)
     assert d["model.visual.proj"] == d["model.visual.ln_post.weight"] == d["model.visual.conv1.weight"] == (0, 12)
@@ -108,7 +127,7 @@ def _check_family(names, stack: str, L: int, outside: list[str]):
     assert set(d) == set(names)
     for name in names:
         if name.startswith(stack + "."):
-            i = int(name[len(stack) + 1:].split(".")[0])
+            i = int(name[len(stack) + 1 :].split(".")[0])
             assert d[name] == (i, L), name
         else:
             assert d[name] == (0, L), name
@@ -122,9 +141,17 @@ def test_layer_depths_zoo_clip_vision():
 
     spec = ZooSpec(hidden_size=16, num_heads=2, intermediate_size=32, projection_dim=8, num_layers=3)
     names = list(CLIPVisionModelWithProjection(make_config(spec)).state_dict())
-    _check_family(names, "vision_model.encoder.layers", 3,
-                  ["vision_model.embeddings.patch_embedding.weight", "vision_model.pre_layrnorm.weight",
-                   "vision_model.post_layernorm.weight", "visual_projection.weight"])
+    _check_family(
+        names,
+        "vision_model.encoder.layers",
+        3,
+        [
+            "vision_model.embeddings.patch_embedding.weight",
+            "vision_model.pre_layrnorm.weight",
+            "vision_model.post_layernorm.weight",
+            "visual_projection.weight",
+        ],
+    )
     plain = list(CLIPVisionModel(make_config(spec)).state_dict())
     stack = next(n for n in plain if ".layers.0." in n).split(".layers.0.")[0] + ".layers"
     _check_family(plain, stack, 3, [n for n in plain if "post_layernorm" in n])
@@ -133,19 +160,37 @@ def test_layer_depths_zoo_clip_vision():
 def test_layer_depths_roberta():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    cfg = RobertaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=3, num_attention_heads=2,
-                        max_position_embeddings=20, num_labels=2)
+    cfg = RobertaConfig(
+        vocab_size=50,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=20,
+        num_labels=2,
+    )
     names = list(RobertaForSequenceClassification(cfg).state_dict())
-    _check_family(names, "roberta.encoder.layer", 3,
-                  ["roberta.embeddings.word_embeddings.weight", "classifier.dense.weight", "classifier.out_proj.bias"])
+    _check_family(
+        names,
+        "roberta.encoder.layer",
+        3,
+        ["roberta.embeddings.word_embeddings.weight", "classifier.dense.weight", "classifier.out_proj.bias"],
+    )
 
 
 def test_layer_depths_qwen2_and_lora():
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
-                      num_key_value_heads=1, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=50,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(cfg)
     names = list(model.state_dict())
     _check_family(names, "model.layers", 4, ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
@@ -170,22 +215,31 @@ def test_layer_depths_gpt2():
 def test_lines_hand_computed():
     # 2 tasks, 3 blocks: factors alpha + beta l/2 = 0.5, 1.0, 1.5 (alpha 0.5, beta 1); "emb" outside: 0.5
     base = {"emb": torch.zeros(2), "layers.0.w": torch.zeros(2), "layers.1.w": torch.zeros(2), "layers.2.w": torch.zeros(2)}
-    t1 = {"emb": torch.tensor([2., 0.]), "layers.0.w": torch.tensor([1., 2.]), "layers.1.w": torch.tensor([1., 1.]),
-          "layers.2.w": torch.tensor([-2., 4.])}
-    t2 = {"emb": torch.tensor([0., 4.]), "layers.0.w": torch.tensor([3., -1.]), "layers.1.w": torch.tensor([0., 2.]),
-          "layers.2.w": torch.tensor([2., 0.])}
+    t1 = {
+        "emb": torch.tensor([2.0, 0.0]),
+        "layers.0.w": torch.tensor([1.0, 2.0]),
+        "layers.1.w": torch.tensor([1.0, 1.0]),
+        "layers.2.w": torch.tensor([-2.0, 4.0]),
+    }
+    t2 = {
+        "emb": torch.tensor([0.0, 4.0]),
+        "layers.0.w": torch.tensor([3.0, -1.0]),
+        "layers.1.w": torch.tensor([0.0, 2.0]),
+        "layers.2.w": torch.tensor([2.0, 0.0]),
+    }
     out = one("lines", base, [t1, t2], alpha=0.5, beta=1.0)
-    assert torch.equal(out["emb"], torch.tensor([1., 2.]))          # 0.5 * [2, 4]
-    assert torch.equal(out["layers.0.w"], torch.tensor([2., .5]))  # 0.5 * [4, 1]
-    assert torch.equal(out["layers.1.w"], torch.tensor([1., 3.]))  # 1.0 * [1, 3]
-    assert torch.equal(out["layers.2.w"], torch.tensor([0., 6.]))  # 1.5 * [0, 4]
+    assert torch.equal(out["emb"], torch.tensor([1.0, 2.0]))  # 0.5 * [2, 4]
+    assert torch.equal(out["layers.0.w"], torch.tensor([2.0, 0.5]))  # 0.5 * [4, 1]
+    assert torch.equal(out["layers.1.w"], torch.tensor([1.0, 3.0]))  # 1.0 * [1, 3]
+    assert torch.equal(out["layers.2.w"], torch.tensor([0.0, 6.0]))  # 1.5 * [0, 4]
     # the paper's default alpha over Task Arithmetic: 1/T
     out = one("lines", base, [t1, t2], beta=1.0)
-    assert torch.equal(out["layers.0.w"], torch.tensor([2., .5]))  # alpha = 1/2
+    assert torch.equal(out["layers.0.w"], torch.tensor([2.0, 0.5]))  # alpha = 1/2
 
 
-@pytest.mark.parametrize("base_method,options", [("task_arithmetic", {}), ("ties", {"density": 0.4}),
-                                                 ("consensus", {"k": 2, "threshold": 0.3})])
+@pytest.mark.parametrize(
+    "base_method,options", [("task_arithmetic", {}), ("ties", {"density": 0.4}), ("consensus", {"k": 2, "threshold": 0.3})]
+)
 def test_lines_beta_zero_is_base_scaled_by_alpha(base_method, options):
     base = stack_model()
     fts = finetunes(base, 3)
@@ -195,9 +249,16 @@ def test_lines_beta_zero_is_base_scaled_by_alpha(base_method, options):
         close(got[k], want[k])
 
 
-@pytest.mark.parametrize("base_method,options", [("task_arithmetic", {}), ("ties", {"density": 0.3}),
-                                                 ("ties", {"density": 0.3, "scope": "global"}),
-                                                 ("consensus", {"k": 2}), ("consensus", {"merge": "ties", "k": 1})])
+@pytest.mark.parametrize(
+    "base_method,options",
+    [
+        ("task_arithmetic", {}),
+        ("ties", {"density": 0.3}),
+        ("ties", {"density": 0.3, "scope": "global"}),
+        ("consensus", {"k": 2}),
+        ("consensus", {"merge": "ties", "k": 1}),
+    ],
+)
 def test_lines_is_base_times_layer_factor(base_method, options):
     base = stack_model()
     fts = finetunes(base, 4)
@@ -208,8 +269,7 @@ def test_lines_is_base_times_layer_factor(base_method, options):
         lam = alpha + beta * DEPTH[k] / 3  # L = 4 blocks
         close(got[k], lam * unscaled[k])
     # first block alpha, last block alpha + beta, linear in between
-    ratios = [float(got[f"enc.layers.{i}.attn.weight"].norm() / unscaled[f"enc.layers.{i}.attn.weight"].norm())
-              for i in range(4)]
+    ratios = [float(got[f"enc.layers.{i}.attn.weight"].norm() / unscaled[f"enc.layers.{i}.attn.weight"].norm()) for i in range(4)]
     assert ratios[0] == pytest.approx(alpha) and ratios[3] == pytest.approx(alpha + beta)
     steps = [b - a for a, b in zip(ratios, ratios[1:])]
     assert all(s == pytest.approx(beta / 3) for s in steps)
@@ -231,12 +291,14 @@ def test_lines_default_alpha_is_the_papers_rule(base_method, options):
 
 def test_lines_refuses_bad_options_naming_the_key():
     lines = methods.get("lines")
-    cases = [({"merge": "ties", "options": {"densty": 0.2}}, r"^options\.densty: unknown hyper-parameter of ties"),
-             ({"merge": "ties", "options": {"density": 2.0}}, r"^options\.density: "),
-             ({"merge": "consensus", "options": {"k": "two"}}, r"^options\.k: "),
-             ({"options": {"scaling": 0.3}}, r"^options\.scaling: lines replaces"),
-             ({"merge": "dare"}, r"^merge: 'dare' is not one of"),
-             ({"options": [1]}, r"^options: expected a mapping")]
+    cases = [
+        ({"merge": "ties", "options": {"densty": 0.2}}, r"^options\.densty: unknown hyper-parameter of ties"),
+        ({"merge": "ties", "options": {"density": 2.0}}, r"^options\.density: "),
+        ({"merge": "consensus", "options": {"k": "two"}}, r"^options\.k: "),
+        ({"options": {"scaling": 0.3}}, r"^options\.scaling: lines replaces"),
+        ({"merge": "dare"}, r"^merge: 'dare' is not one of"),
+        ({"options": [1]}, r"^options: expected a mapping"),
+    ]
     for hp, pattern in cases:
         with pytest.raises(MergeflowError, match=pattern):
             lines.hyper(hp)
@@ -284,26 +346,27 @@ def ref_cabs_masks(taus, n, m, order):
 def test_cabs_hand_computed():
     # m = 4, n = 2 (density 0.5); 6 entries: one block of 4 and a tail of 2 with quota 2*2//4 = 1
     base = {"w": torch.zeros(6)}
-    t1 = torch.tensor([4., -3., 2., 1., 1., 2.])
-    t2 = torch.tensor([5., 1., -2., 3., 7., 9.])
+    t1 = torch.tensor([4.0, -3.0, 2.0, 1.0, 1.0, 2.0])
+    t2 = torch.tensor([5.0, 1.0, -2.0, 3.0, 7.0, 9.0])
     models = [{"w": t1}, {"w": t2}]
     # task 0 first: block |t1| = 4,3,2,1 -> 0,1; tail 1,2 -> 5. task 1 among 2,3 -> both; tail among 4 -> 4
     out = one("cabs", base, models, n=2, m=4)["w"]
-    assert torch.equal(out, torch.tensor([4., -3., -2., 3., 7., 2.]))
+    assert torch.equal(out, torch.tensor([4.0, -3.0, -2.0, 3.0, 7.0, 2.0]))
     assert torch.equal(one("cabs", base, models, density=0.5, m=4)["w"], out)
     # task 1 first: block |t2| = 5,1,2,3 -> 0,3; tail 7,9 -> 5. task 0 among 1,2 -> both; tail 4
     out = one("cabs", base, models, n=2, m=4, order=[1, 0])["w"]
-    assert torch.equal(out, torch.tensor([5., -3., 2., 3., 1., 9.]))
+    assert torch.equal(out, torch.tensor([5.0, -3.0, 2.0, 3.0, 1.0, 9.0]))
     # per-task lambdas, in task order
     out = one("cabs", base, models, n=2, m=4, scaling=[0.5, 2.0])["w"]
-    assert torch.equal(out, torch.tensor([2., -1.5, -4., 6., 14., 1.]))
+    assert torch.equal(out, torch.tensor([2.0, -1.5, -4.0, 6.0, 14.0, 1.0]))
     # equal magnitudes: the lower index wins
-    out = one("cabs", {"w": torch.zeros(4)}, [{"w": torch.tensor([1., -1., 1., 1.])}], n=2, m=4)["w"]
-    assert torch.equal(out, torch.tensor([1., -1., 0., 0.]))
+    out = one("cabs", {"w": torch.zeros(4)}, [{"w": torch.tensor([1.0, -1.0, 1.0, 1.0])}], n=2, m=4)["w"]
+    assert torch.equal(out, torch.tensor([1.0, -1.0, 0.0, 0.0]))
 
 
-@pytest.mark.parametrize("numel,n,m,T", [(64, 1, 4, 3), (70, 2, 8, 4), (33, 3, 16, 5), (5, 2, 8, 2), (1, 1, 2, 2),
-                                         (200, 3, 4, 3)])
+@pytest.mark.parametrize(
+    "numel,n,m,T", [(64, 1, 4, 3), (70, 2, 8, 4), (33, 3, 16, 5), (5, 2, 8, 2), (1, 1, 2, 2), (200, 3, 4, 3)]
+)
 def test_cabs_masks_properties_and_reference(numel, n, m, T):
     g = torch.Generator().manual_seed(numel + n + m + T)
     taus = [torch.randn(numel, generator=g).round(decimals=1) for _ in range(T)]  # rounding makes ties
@@ -316,11 +379,11 @@ def test_cabs_masks_properties_and_reference(numel, n, m, T):
     assert int(stacked.sum(0).max()) <= 1  # disjoint
     full, r = divmod(numel, m)
     for t, mk in enumerate(masks):
-        blocks = mk[:full * m].reshape(full, m).sum(1) if full else torch.zeros(0)
+        blocks = mk[: full * m].reshape(full, m).sum(1) if full else torch.zeros(0)
         assert bool((blocks <= n).all())  # at most n per block
         if T * n <= m:  # enough room: every task keeps exactly its quota
             assert int(mk.sum()) == full * n + n * r // m
-        assert int(mk[full * m:].sum()) <= n * r // m
+        assert int(mk[full * m :].sum()) <= n * r // m
     if T * n > m:  # over-full: the later tasks in the order keep less, the first keeps its quota
         assert int(masks[order[0]].sum()) == full * n + n * r // m
 
@@ -351,12 +414,14 @@ def test_cabs_default_quota_fits_every_task():
 
 def test_cabs_refusals():
     cabs = methods.get("cabs")
-    for hp, pattern in [({"n": 5, "m": 4}, r"^n: 5 is more than m = 4"),
-                        ({"n": 1, "density": 0.5}, r"^n: give density or n"),
-                        ({"order": [0, 0]}, r"^order: \[0, 0\] must list distinct"),
-                        ({"order": 2}, r"^order: expected a list"),
-                        ({"density": 1.5}, r"^density: "),
-                        ({"m": 0}, r"^m: ")]:
+    for hp, pattern in [
+        ({"n": 5, "m": 4}, r"^n: 5 is more than m = 4"),
+        ({"n": 1, "density": 0.5}, r"^n: give density or n"),
+        ({"order": [0, 0]}, r"^order: \[0, 0\] must list distinct"),
+        ({"order": 2}, r"^order: expected a list"),
+        ({"density": 1.5}, r"^density: "),
+        ({"m": 0}, r"^m: "),
+    ]:
         with pytest.raises(MergeflowError, match=pattern):
             cabs.hyper(hp)
     base = {"w": torch.zeros(8)}
@@ -379,17 +444,27 @@ def _save(path, sd):
 
 def test_engine_runs_both_on_checkpoints(tmp_path):
     g = torch.Generator().manual_seed(7)
-    base = {"embed.weight": torch.randn(12, 8, generator=g).bfloat16(),
-            **{f"layers.{i}.q.weight": torch.randn(8, 8, generator=g).bfloat16() for i in range(3)},
-            "norm.weight": torch.ones(8), "position_ids": torch.arange(12)}
-    fts = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
-            for k, v in base.items()} for _ in range(3)]
+    base = {
+        "embed.weight": torch.randn(12, 8, generator=g).bfloat16(),
+        **{f"layers.{i}.q.weight": torch.randn(8, 8, generator=g).bfloat16() for i in range(3)},
+        "norm.weight": torch.ones(8),
+        "position_ids": torch.arange(12),
+    }
+    fts = [
+        {
+            k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+        for _ in range(3)
+    ]
     ck = Checkpoint(_save(tmp_path / "base", base))
     sources = [TaskVectors.from_model(ck, _save(tmp_path / f"ft{i}", sd)) for i, sd in enumerate(fts)]
     taus = [{k: f[k].float() - base[k].float() for k in base if base[k].is_floating_point()} for f in fts]
     # LiNeS over TIES from the checkpoints = from memory; factors alpha + beta l/2
     got = merge(methods.get("lines"), ck, sources, {"merge": "ties", "options": {"density": 0.5}, "alpha": 0.3, "beta": 0.6})[0]
-    mem = merge_state_dicts(methods.get("lines"), base, fts, {"merge": "ties", "options": {"density": 0.5}, "alpha": 0.3, "beta": 0.6})[0]
+    mem = merge_state_dicts(
+        methods.get("lines"), base, fts, {"merge": "ties", "options": {"density": 0.5}, "alpha": 0.3, "beta": 0.6}
+    )[0]
     unscaled = merge_state_dicts(methods.get("ties"), base, fts, {"density": 0.5, "scaling": 1.0})[0]
     assert torch.equal(got["position_ids"], base["position_ids"])
     for k, v in got.items():
@@ -409,8 +484,13 @@ def test_engine_runs_both_on_checkpoints(tmp_path):
 def test_cuda_matches_cpu():
     base = stack_model(5)
     fts = finetunes(base, 4, seed=6)
-    for name, hp in [("cabs", {"n": 3, "m": 8}), ("cabs", {}), ("lines", {"merge": "ties", "options": {"density": 0.3}}),
-                     ("lines", {"merge": "consensus"}), ("lines", {"beta": 0.8})]:
+    for name, hp in [
+        ("cabs", {"n": 3, "m": 8}),
+        ("cabs", {}),
+        ("lines", {"merge": "ties", "options": {"density": 0.3}}),
+        ("lines", {"merge": "consensus"}),
+        ("lines", {"beta": 0.8}),
+    ]:
         cpu = one(name, base, fts, **hp)
         gpu = one(name, base, fts, device="cuda", **hp)
         for k in base:

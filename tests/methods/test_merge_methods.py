@@ -17,6 +17,7 @@ Project semantics used where METHODS.md leaves room (see the module docstrings t
   ``global``: the same with sums over all entries;
 - breadcrumbs: keep topk(|tau|, n - int(beta n)) minus topk(|tau|, int(gamma n)), then TA.
 """
+
 from __future__ import annotations
 
 import math
@@ -292,8 +293,12 @@ def test_ties_global_scope_hand():
 
 def test_ties_global_scope_differs_from_tensor_scope_and_matches_sort():
     g = torch.Generator().manual_seed(13)
-    base = {"a": torch.randn(8, 6, generator=g), "b": torch.randn(20, generator=g), "s": torch.randn((), generator=g),
-            "ids": torch.arange(12)}
+    base = {
+        "a": torch.randn(8, 6, generator=g),
+        "b": torch.randn(20, generator=g),
+        "s": torch.randn((), generator=g),
+        "ids": torch.arange(12),
+    }
     scales = {"a": 5.0, "b": 0.2, "s": 1.0}  # tensors of very different magnitudes
     taus_in = [{k: s * torch.randn(base[k].shape, generator=g) for k, s in scales.items()} for _ in range(3)]
     models = models_from(base, taus_in)
@@ -324,12 +329,11 @@ def test_ties_global_scope_density_one_keeps_all():
 def _dare_keep_masks(base, n_tasks, drop, seed):
     """Recover each task's keep mask from a Task Arithmetic DARE run on tau_t = 2^t (per entry,
     the merged value times (1-drop) is sum_t keep_t 2^t). Masks depend only on (seed, name, index)."""
-    taus = [{k: torch.full(v.shape, float(2 ** i)) for k, v in base.items() if v.is_floating_point()} for i in range(n_tasks)]
+    taus = [{k: torch.full(v.shape, float(2**i)) for k, v in base.items() if v.is_floating_point()} for i in range(n_tasks)]
     out = one("dare", base, models_from(base, taus), drop=drop, merge="task_arithmetic", scaling=1.0, seed=seed)
     masks = []
     for i in range(n_tasks):
-        masks.append({k: ((torch.round((out[k] - base[k]) * (1 - drop)).long() >> i) & 1).bool()
-                      for k in taus[0]})
+        masks.append({k: ((torch.round((out[k] - base[k]) * (1 - drop)).long() >> i) & 1).bool() for k in taus[0]})
     return masks
 
 
@@ -502,7 +506,12 @@ HAND_TAUS = [{"w": t(1, 0, 2, -1)}, {"w": t(1, 3, -2, 0)}, {"w": t(0, 0, 1, -1)}
 
 
 def test_tall_mask_hand_task_arithmetic():
-    out = run("tall_mask", HAND_BASE, models_from(HAND_BASE, HAND_TAUS), **{"threshold": 0.5, "merge": "task_arithmetic", "scaling": 1.0})
+    out = run(
+        "tall_mask",
+        HAND_BASE,
+        models_from(HAND_BASE, HAND_TAUS),
+        **{"threshold": 0.5, "merge": "task_arithmetic", "scaling": 1.0},
+    )
     assert [sd["w"].tolist() for sd in out] == [[3, 1, 2, -1], [3, 4, 2, 1], [1, 1, 2, -1]]
     out = run("tall_mask", HAND_BASE, models_from(HAND_BASE, HAND_TAUS), **{"threshold": 0.5, "scaling": 0.5})
     assert [sd["w"].tolist() for sd in out] == [[2, 1, 1.5, 0], [2, 2.5, 1.5, 1], [1, 1, 1.5, 0]]
@@ -526,7 +535,9 @@ TIES_TAUS = [{"w": t(4, -1, 2, 0.5)}, {"w": t(-3, 2, 1, 0.25)}]
 
 def test_tall_mask_hand_ties():
     base = {"w": torch.zeros(4)}
-    out = run("tall_mask", base, models_from(base, TIES_TAUS), **{"threshold": 1.0, "merge": "ties", "density": 0.5, "scaling": 1.0})
+    out = run(
+        "tall_mask", base, models_from(base, TIES_TAUS), **{"threshold": 1.0, "merge": "ties", "density": 0.5, "scaling": 1.0}
+    )
     assert [sd["w"].tolist() for sd in out] == [[4, 0, 2, 0], [0, 2, 2, 0]]
 
 
@@ -736,18 +747,42 @@ def _bad(name, key, value):
     assert re.search(rf"\b{re.escape(key)}\b", str(e.value)), str(e.value)
 
 
-@pytest.mark.parametrize("name,key,value", [
-    ("task_arithmetic", "scaling", -0.1), ("task_arithmetic", "scaling", 10.5), ("task_arithmetic", "scaling", "0.3"),
-    ("ties", "density", 1.2), ("ties", "density", -0.1), ("ties", "scaling", -1.0), ("ties", "scope", "layer"),
-    ("dare", "drop", 1.0), ("dare", "drop", -0.1), ("dare", "merge", "mean"), ("dare", "density", 1.5),
-    ("dare", "seed", -1), ("dare", "seed", 1.5), ("dare", "scaling", 11.0),
-    ("breadcrumbs", "beta", 1.1), ("breadcrumbs", "gamma", -0.01), ("breadcrumbs", "scaling", -0.3),
-    ("consensus", "k", -1), ("consensus", "threshold", -0.5), ("consensus", "threshold", 101.0), ("consensus", "merge", "emr"),
-    ("consensus", "density", 2.0), ("consensus", "scaling", -2.0),
-    ("tall_mask", "threshold", -1.0), ("tall_mask", "merge", "dare"), ("tall_mask", "density", -0.5),
-    ("tall_mask", "scaling", 20.0), ("tall_mask", "threshold", "0.4"),
-    ("emr", "rescale", "median"), ("tswitch", "drop", 1.5), ("tswitch", "drop", -0.2),
-])
+@pytest.mark.parametrize(
+    "name,key,value",
+    [
+        ("task_arithmetic", "scaling", -0.1),
+        ("task_arithmetic", "scaling", 10.5),
+        ("task_arithmetic", "scaling", "0.3"),
+        ("ties", "density", 1.2),
+        ("ties", "density", -0.1),
+        ("ties", "scaling", -1.0),
+        ("ties", "scope", "layer"),
+        ("dare", "drop", 1.0),
+        ("dare", "drop", -0.1),
+        ("dare", "merge", "mean"),
+        ("dare", "density", 1.5),
+        ("dare", "seed", -1),
+        ("dare", "seed", 1.5),
+        ("dare", "scaling", 11.0),
+        ("breadcrumbs", "beta", 1.1),
+        ("breadcrumbs", "gamma", -0.01),
+        ("breadcrumbs", "scaling", -0.3),
+        ("consensus", "k", -1),
+        ("consensus", "threshold", -0.5),
+        ("consensus", "threshold", 101.0),
+        ("consensus", "merge", "emr"),
+        ("consensus", "density", 2.0),
+        ("consensus", "scaling", -2.0),
+        ("tall_mask", "threshold", -1.0),
+        ("tall_mask", "merge", "dare"),
+        ("tall_mask", "density", -0.5),
+        ("tall_mask", "scaling", 20.0),
+        ("tall_mask", "threshold", "0.4"),
+        ("emr", "rescale", "median"),
+        ("tswitch", "drop", 1.5),
+        ("tswitch", "drop", -0.2),
+    ],
+)
 def test_bad_hyper_parameter_values(name, key, value):
     _bad(name, key, value)
 
@@ -776,9 +811,16 @@ def test_documented_parameters_and_defaults():
 def test_boundary_values_accepted():
     base = {"w": t(1.0, -2.0, 0.5, 3.0)}
     models = models_from(base, [{"w": t(1, 2, 3, 4)}, {"w": t(-1, 1, -1, 1)}])
-    for name, hp in [("ties", {"density": 0.0}), ("ties", {"density": 1.0}), ("dare", {"drop": 0.0}),
-                     ("dare", {"drop": 0.999}), ("breadcrumbs", {"beta": 1.0, "gamma": 1.0}),
-                     ("consensus", {"k": 0, "threshold": [0.0, 100.0]}), ("tswitch", {"drop": 0.999}),
-                     ("task_arithmetic", {"scaling": 0}), ("tall_mask", {"threshold": 1})]:
+    for name, hp in [
+        ("ties", {"density": 0.0}),
+        ("ties", {"density": 1.0}),
+        ("dare", {"drop": 0.0}),
+        ("dare", {"drop": 0.999}),
+        ("breadcrumbs", {"beta": 1.0, "gamma": 1.0}),
+        ("consensus", {"k": 0, "threshold": [0.0, 100.0]}),
+        ("tswitch", {"drop": 0.999}),
+        ("task_arithmetic", {"scaling": 0}),
+        ("tall_mask", {"threshold": 1}),
+    ]:
         out = run(name, base, models, **hp)
         assert all(torch.isfinite(sd["w"]).all() for sd in out), (name, hp)

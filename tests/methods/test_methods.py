@@ -1,4 +1,5 @@
 """Static merges against their formulas, and the registry's hyper-parameter checks."""
+
 from __future__ import annotations
 
 import pytest

@@ -5,6 +5,7 @@ in float64 with plain torch: the polar factor by eigen-decomposition, M (M^T M)^
 the library's helpers; small cases are worked out by hand. Importing the modules registers the
 methods (the lead adds them to ``mergeflow.methods``).
 """
+
 from __future__ import annotations
 
 import json
@@ -71,7 +72,7 @@ def tsv_reference(taus, fraction=None):
     sv = torch.zeros(width, taus[0].shape[1], dtype=torch.float64)
     for i, tau in enumerate(taus):
         u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)
-        su[:, i * k:(i + 1) * k], ss[i * k:(i + 1) * k], sv[i * k:(i + 1) * k] = u[:, :k], s[:k], vh[:k]
+        su[:, i * k : (i + 1) * k], ss[i * k : (i + 1) * k], sv[i * k : (i + 1) * k] = u[:, :k], s[:k], vh[:k]
     pu, _, qu = torch.linalg.svd(su, full_matrices=False)
     pv, _, qv = torch.linalg.svd(sv, full_matrices=False)
     return (pu @ qu) @ torch.diag(ss) @ (pv @ qv)
@@ -143,7 +144,7 @@ def test_tsv_m_disjoint_supports_give_the_sum():
     taus = []
     for i in range(3):
         tau = torch.zeros(6, 6)
-        tau[2 * i:2 * i + 2, 2 * i:2 * i + 2] = rand(2, 2, seed=10 + i)
+        tau[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] = rand(2, 2, seed=10 + i)
         taus.append(tau)
     close(call("tsv_m", taus), sum(taus))  # k = 6 // 3 = 2 = each task's rank
     close(call("tsv_m", taus, fraction=1.0), sum(taus))  # kT = 18 > r: the rank-2 tasks' null triplets are dropped
@@ -317,13 +318,23 @@ def test_non_matrix_tensors_are_averaged(name):
         close(call(name, taus, scaling=0.5), 0.25 * (taus[0] + taus[1]))
 
 
-@pytest.mark.parametrize("name, key, value, words", [
-    ("tsv_m", "fraction", 1.5, "outside"), ("tsv_m", "fraction", -0.1, "outside"), ("tsv_m", "fraction", "half", "expected float"),
-    ("tsv_m", "scaling", -1.0, "outside"), ("tsv_c", "fraction", 2.0, "outside"), ("iso_c", "scaling", 11.0, "outside"),
-    ("iso_cts", "common_fraction", 1.5, "outside"), ("iso_cts", "common_fraction", -0.5, "outside"),
-    ("iso_cts", "scaling", -0.1, "outside"), ("cart", "rank_ratio", 1.2, "outside"), ("cart", "scaling", -2.0, "outside"),
-    ("cart", "rank", 0.1, "unknown hyper-parameter"),
-])
+@pytest.mark.parametrize(
+    "name, key, value, words",
+    [
+        ("tsv_m", "fraction", 1.5, "outside"),
+        ("tsv_m", "fraction", -0.1, "outside"),
+        ("tsv_m", "fraction", "half", "expected float"),
+        ("tsv_m", "scaling", -1.0, "outside"),
+        ("tsv_c", "fraction", 2.0, "outside"),
+        ("iso_c", "scaling", 11.0, "outside"),
+        ("iso_cts", "common_fraction", 1.5, "outside"),
+        ("iso_cts", "common_fraction", -0.5, "outside"),
+        ("iso_cts", "scaling", -0.1, "outside"),
+        ("cart", "rank_ratio", 1.2, "outside"),
+        ("cart", "scaling", -2.0, "outside"),
+        ("cart", "rank", 0.1, "unknown hyper-parameter"),
+    ],
+)
 def test_hyper_parameter_checks(name, key, value, words):
     with pytest.raises(MergeflowError, match=rf"^{key}: .*{words}"):
         methods.get(name).hyper({key: value})
@@ -346,10 +357,17 @@ def test_defaults_and_references():
 
 def _models(n=3):
     g = torch.Generator().manual_seed(20)
-    base = {"embed.weight": torch.randn(16, 8, generator=g), "layers.0.q.weight": torch.randn(8, 8, generator=g),
-            "layers.0.norm.weight": torch.ones(8), "scale": torch.tensor(0.5), "position_ids": torch.arange(16)}
-    fts = [{k: (v + 0.1 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v for k, v in base.items()}
-           for _ in range(n)]
+    base = {
+        "embed.weight": torch.randn(16, 8, generator=g),
+        "layers.0.q.weight": torch.randn(8, 8, generator=g),
+        "layers.0.norm.weight": torch.ones(8),
+        "scale": torch.tensor(0.5),
+        "position_ids": torch.arange(16),
+    }
+    fts = [
+        {k: (v + 0.1 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v for k, v in base.items()}
+        for _ in range(n)
+    ]
     return base, fts
 
 

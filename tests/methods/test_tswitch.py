@@ -1,4 +1,5 @@
 """T-Switch against its definition (METHODS.md) and the authors' golden cases."""
+
 from __future__ import annotations
 
 import pytest

@@ -5,6 +5,7 @@ torch: per-tensor asymmetric min-max, codes round((x - lo) / step) with step = (
 (2^b - 1), values lo + q (hi - lo) / (2^b - 1); RTVQ base = mean of the task vectors, offsets
 against the dequantised base.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,7 +110,7 @@ def test_pack_unpack_round_trip(bits, n):
     stream = [(int(packed[k // 8]) >> (k % 8)) & 1 for k in range(8 * packed.numel())]
     for i, c in enumerate(codes.tolist()):
         assert sum(stream[i * bits + j] << j for j in range(bits)) == c
-    assert not any(stream[n * bits:])  # padding bits are zero
+    assert not any(stream[n * bits :])  # padding bits are zero
 
 
 def test_pack_worked_example():
@@ -292,7 +293,13 @@ def test_bad_files_fail_loudly(tmp_path):
         load_tvq(tmp_path / "newer")
     # the index is what its checksum says
     index = json.loads(zlib.decompress(stored["index"].numpy().tobytes()))
-    assert index["kind"] == "per_task" and index["tensors"][0] == {"part": "task", "name": "w", "shape": [40], "bits": 4, "bytes": 20}
+    assert index["kind"] == "per_task" and index["tensors"][0] == {
+        "part": "task",
+        "name": "w",
+        "shape": [40],
+        "bits": 4,
+        "bytes": 20,
+    }
 
 
 def test_save_refuses_bad_input_before_writing(tmp_path):
@@ -380,28 +387,35 @@ def test_rtvq_method_equals_merge_on_rebuilt_vectors():
 
 def test_defaults_and_validated_options():
     assert methods.get("tvq").hyper() == {"bits": 4, "merge": "task_arithmetic", "options": {"scaling": 0.3}}
-    assert methods.get("rtvq").hyper() == {"base_bits": 3, "offset_bits": 2, "merge": "task_arithmetic",
-                                           "options": {"scaling": 0.3}}
+    assert methods.get("rtvq").hyper() == {
+        "base_bits": 3,
+        "offset_bits": 2,
+        "merge": "task_arithmetic",
+        "options": {"scaling": 0.3},
+    }
     hp = methods.get("tvq").hyper({"merge": "ties", "options": {"density": 0.5}})
     assert hp["options"] == {"density": 0.5, "scaling": 1.0, "scope": "tensor"}
     assert methods.get("tvq").hyper(hp) == hp  # idempotent: the engine validates again
 
 
 @pytest.mark.parametrize("method", ["tvq", "rtvq"])
-@pytest.mark.parametrize("given, pattern", [
-    ({"merge": "ties", "options": {"densty": 0.5}}, r"^w\.options\.densty: unknown hyper-parameter of ties"),
-    ({"merge": "ties", "options": {"density": 2.0}}, r"^w\.options\.density: 2\.0 is outside"),
-    ({"options": {"scaling": "big"}}, r"^w\.options\.scaling: expected float"),
-    ({"merge": "nope"}, r"^w\.merge: unknown method 'nope'"),
-    ({"merge": "tswitch"}, r"^w\.merge: tswitch cannot run on quantised task vectors"),
-    ({"merge": "tvq"}, r"^w\.merge: tvq cannot run"),
-    ({"merge": "rtvq"}, r"^w\.merge: rtvq cannot run"),
-    ({"merge": "emr"}, r"^w\.merge: emr is a dynamic method"),
-    ({"merge": "tall_mask"}, r"^w\.merge: tall_mask is a dynamic method"),
-    ({"merge": "cat"}, r"^w\.merge: cat needs layer-input"),
-    ({"options": [1]}, r"^w\.options: expected a mapping"),
-    ({"bogus": 1}, r"^w\.bogus: unknown hyper-parameter"),
-])
+@pytest.mark.parametrize(
+    "given, pattern",
+    [
+        ({"merge": "ties", "options": {"densty": 0.5}}, r"^w\.options\.densty: unknown hyper-parameter of ties"),
+        ({"merge": "ties", "options": {"density": 2.0}}, r"^w\.options\.density: 2\.0 is outside"),
+        ({"options": {"scaling": "big"}}, r"^w\.options\.scaling: expected float"),
+        ({"merge": "nope"}, r"^w\.merge: unknown method 'nope'"),
+        ({"merge": "tswitch"}, r"^w\.merge: tswitch cannot run on quantised task vectors"),
+        ({"merge": "tvq"}, r"^w\.merge: tvq cannot run"),
+        ({"merge": "rtvq"}, r"^w\.merge: rtvq cannot run"),
+        ({"merge": "emr"}, r"^w\.merge: emr is a dynamic method"),
+        ({"merge": "tall_mask"}, r"^w\.merge: tall_mask is a dynamic method"),
+        ({"merge": "cat"}, r"^w\.merge: cat needs layer-input"),
+        ({"options": [1]}, r"^w\.options: expected a mapping"),
+        ({"bogus": 1}, r"^w\.bogus: unknown hyper-parameter"),
+    ],
+)
 def test_bad_options_name_the_key(method, given, pattern):
     with pytest.raises(MergeflowError, match=pattern):
         methods.get(method).hyper(given, where="w.")
@@ -424,7 +438,11 @@ def test_storage():
     # the paper's storage table, 8 tasks: INT4 is 1/8 of FP32 and B3O2 a little over INT2
     fp32 = t * n * 4
     assert tvq_module.storage_bytes({"bits": 4}, n, t) == pytest.approx(fp32 / 8, rel=1e-2)
-    assert tvq_module.storage_bytes({"bits": 2}, n, t) < methods.get("rtvq").storage_bytes(n, t) < tvq_module.storage_bytes({"bits": 3}, n, t)
+    assert (
+        tvq_module.storage_bytes({"bits": 2}, n, t)
+        < methods.get("rtvq").storage_bytes(n, t)
+        < tvq_module.storage_bytes({"bits": 3}, n, t)
+    )
 
 
 # --------------------------------------------------------------------------- the engine
@@ -440,20 +458,32 @@ def save_checkpoint(path, sd):
 @pytest.fixture
 def checkpoints(tmp_path):
     g = torch.Generator().manual_seed(7)
-    base = {"emb.weight": torch.randn(16, 8, generator=g).bfloat16(), "q.weight": torch.randn(8, 8, generator=g),
-            "norm.weight": torch.ones(8), "position_ids": torch.arange(16)}
-    fts = [{k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
-            for k, v in base.items()} for _ in range(3)]
+    base = {
+        "emb.weight": torch.randn(16, 8, generator=g).bfloat16(),
+        "q.weight": torch.randn(8, 8, generator=g),
+        "norm.weight": torch.ones(8),
+        "position_ids": torch.arange(16),
+    }
+    fts = [
+        {
+            k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in base.items()
+        }
+        for _ in range(3)
+    ]
     b = save_checkpoint(tmp_path / "base", base)
     return base, fts, b, [save_checkpoint(tmp_path / f"ft{i}", sd) for i, sd in enumerate(fts)]
 
 
-@pytest.mark.parametrize("method, hp", [
-    ("tvq", {"bits": 3, "merge": "task_arithmetic", "options": {"scaling": 0.3}}),
-    ("tvq", {"merge": "ties", "options": {"density": 0.5}}),
-    ("rtvq", {"merge": "task_arithmetic", "options": {"scaling": 0.3}}),
-    ("rtvq", {"base_bits": 4, "offset_bits": 3, "merge": "ties", "options": {"density": 0.4, "scope": "global"}}),
-])
+@pytest.mark.parametrize(
+    "method, hp",
+    [
+        ("tvq", {"bits": 3, "merge": "task_arithmetic", "options": {"scaling": 0.3}}),
+        ("tvq", {"merge": "ties", "options": {"density": 0.5}}),
+        ("rtvq", {"merge": "task_arithmetic", "options": {"scaling": 0.3}}),
+        ("rtvq", {"base_bits": 4, "offset_bits": 3, "merge": "ties", "options": {"density": 0.4, "scope": "global"}}),
+    ],
+)
 def test_engine_runs_tvq_and_rtvq(checkpoints, method, hp):
     base, fts, b, ft = checkpoints
     ck = Checkpoint(b)
@@ -519,8 +549,10 @@ def test_reader_decodes_one_tensor_at_a_time_as_the_file_holds(checkpoints, tmp_
 
     base, fts, b, ft = checkpoints
     ck = Checkpoint(b)
-    vecs = [Checkpoint(extract_task_vector(ck, Checkpoint(p), tmp_path / f"v{i}.safetensors", {}) and
-                       tmp_path / f"v{i}.safetensors") for i, p in enumerate(ft)]
+    vecs = [
+        Checkpoint(extract_task_vector(ck, Checkpoint(p), tmp_path / f"v{i}.safetensors", {}) and tmp_path / f"v{i}.safetensors")
+        for i, p in enumerate(ft)
+    ]
     names = [k for k in base if base[k].is_floating_point()]
     taus = {k: [f[k].float() - base[k].float() for f in fts] for k in names}
     stats = save_tvq_from(vecs, 3, tmp_path / "codes", ["t0", "t1", "t2"])
@@ -556,10 +588,13 @@ def test_reader_decodes_one_tensor_at_a_time_as_the_file_holds(checkpoints, tmp_
         QuantReader(tmp_path / "bad.tvq")
 
 
-@pytest.mark.parametrize("method, hp", [
-    ("tvq", {"bits": 3, "merge": "task_arithmetic", "options": {"scaling": 0.3}}),
-    ("rtvq", {"base_bits": 4, "offset_bits": 3, "merge": "ties", "options": {"density": 0.4, "scope": "global"}}),
-])
+@pytest.mark.parametrize(
+    "method, hp",
+    [
+        ("tvq", {"bits": 3, "merge": "task_arithmetic", "options": {"scaling": 0.3}}),
+        ("rtvq", {"base_bits": 4, "offset_bits": 3, "merge": "ties", "options": {"density": 0.4, "scope": "global"}}),
+    ],
+)
 def test_pipeline_merge_writes_the_codec_and_merges_from_it(checkpoints, tmp_path, method, hp):
     """The merge stage keeps TVQ / RTVQ as codec files (``merged/<method>/codes``) and runs the
     wrapped merge on what it reads back: the merged model equals the in-memory method's bit for
@@ -605,8 +640,9 @@ def test_pipeline_merge_writes_the_codec_and_merges_from_it(checkpoints, tmp_pat
     # (``merge`` returns float32; the stage writes each tensor in the base's dtype)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k].to(got[k].dtype)) for k in got)
     # and so does the in-memory tvq / rtvq method
-    (mem,) = merge(methods.get(method), base_ck,
-                   [TaskVectors.from_vector(base_ck, lay.vectors / f"{t}.safetensors") for t in tasks], hp)
+    (mem,) = merge(
+        methods.get(method), base_ck, [TaskVectors.from_vector(base_ck, lay.vectors / f"{t}.safetensors") for t in tasks], hp
+    )
     assert all(torch.equal(got[k], mem[k].to(got[k].dtype)) for k in got)
     shapes = {k: tuple(base[k].shape) for k in names}
     assert meta["storage_bytes"] == tvq_module.exact_storage(full, 0, len(tasks), shapes)
@@ -621,7 +657,9 @@ def test_pipeline_merge_writes_the_codec_and_merges_from_it(checkpoints, tmp_pat
         assert meta["codes"] == ["tasks.rtvq"]
         r = load_rtvq(dst / "codes" / "tasks.rtvq")
         for k in names:
-            assert all(torch.equal(r.dequantise(i)[k], v) for i, v in
-                       enumerate(rtvq_qdq(taus[k], full["base_bits"], full["offset_bits"])))
+            assert all(
+                torch.equal(r.dequantise(i)[k], v)
+                for i, v in enumerate(rtvq_qdq(taus[k], full["base_bits"], full["offset_bits"]))
+            )
         assert meta["storage_bytes"] == quant_stats(dst / "codes" / "tasks.rtvq").payload_bytes
     assert sorted(x.name for x in work.iterdir()) == [method]  # no scratch left

@@ -4,6 +4,7 @@ adapters and parquet text datasets in a Hugging Face cache.
 The real loading code runs (hub resolution, the family's prepare, PEFT, evaluation), checked
 against transformers' and PEFT's own models.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,9 +51,18 @@ def tiny_lm(vocab: int, eos: int, seed: int = 0, intermediate_size: int = 64):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=intermediate_size, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
-                         eos_token_id=eos, bos_token_id=eos)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=eos,
+        bos_token_id=eos,
+    )
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -130,7 +140,11 @@ def hub(tmp_path_factory):
         commits[task] = add_folder(cache, f"tiny/lm-{task}", work / task)
         adapter(base, work / f"lora-{task}", seed=20 + i)
         commits[f"lora-{task}"] = add_folder(cache, f"tiny/lora-{task}", work / f"lora-{task}")
-    for name, overrides in {"r2": {"r": 2}, "alpha": {"lora_alpha": 16}, "targets": {"target_modules": ["q_proj", "k_proj"]}}.items():
+    for name, overrides in {
+        "r2": {"r": 2},
+        "alpha": {"lora_alpha": 16},
+        "targets": {"target_modules": ["q_proj", "k_proj"]},
+    }.items():
         adapter(base, work / f"lora-{name}", seed=30, **overrides)
         add_folder(cache, f"tiny/lora-{name}", work / f"lora-{name}")
     text_dataset(work / "ds-prose", PROSE, 100)
@@ -150,9 +164,15 @@ def swapped_preset(lora: bool = False) -> dict:
     params["download"]["base"] = "hf://tiny/lm"
     kind = "lora" if lora else "lm"
     params["download"]["tasks"] = {
-        t: {"model": f"hf://tiny/{kind}-{t}", "dataset": f"hf://datasets/tiny/text-{t}", "split": "test", "train_split": "train",
-            "text_column": "text"}
-        for t in ("prose", "code")}
+        t: {
+            "model": f"hf://tiny/{kind}-{t}",
+            "dataset": f"hf://datasets/tiny/text-{t}",
+            "split": "test",
+            "train_split": "train",
+            "text_column": "text",
+        }
+        for t in ("prose", "code")
+    }
     params["download"]["options"] = {"block_size": BLOCK, "max_blocks": 12, "query_pool": 6}
     params["compress"]["queries"] = 4
     if lora:
@@ -196,6 +216,7 @@ def blocks_by_hand(hub, task: str, split: str) -> torch.Tensor:
 
 
 # --- full models --------------------------------------------------------------------------
+
 
 def test_preset_validates():
     from mergeflow.models.causal import CausalLM
@@ -385,6 +406,7 @@ def test_missing_text_column_is_one_line(hub, tmp_path):
 
 # --- LoRA -----------------------------------------------------------------------------------
 
+
 def test_lora_base_is_zeros_and_task_vector_the_factors(lora, hub):
     from safetensors.torch import load_file
 
@@ -397,8 +419,10 @@ def test_lora_base_is_zeros_and_task_vector_the_factors(lora, hub):
     assert all(not base.get(n).any() for n in base.names())
     assert (lora / "checkpoints/base/adapter_config.json").exists()
     frozen = Checkpoint(lora / "checkpoints/_frozen")
-    assert json.loads((lora / "checkpoints/_frozen/model.safetensors.index.json").read_text())["weight_map"] == \
-        json.loads((hub["work"] / "base" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (
+        json.loads((lora / "checkpoints/_frozen/model.safetensors.index.json").read_text())["weight_map"]
+        == json.loads((hub["work"] / "base" / "model.safetensors.index.json").read_text())["weight_map"]
+    )
     assert "model.norm.weight" in frozen.names()
     for task in ("prose", "code"):
         factors = load_file(str(hub["work"] / f"lora-{task}" / "adapter_model.safetensors"))
@@ -443,10 +467,13 @@ def test_lora_build_is_peft(lora, hub):
     # perplexity through PEFT's model, as in the full case
     data = fam.load_data("code", "test", limit=4)
     out = fam.predict(fam.build(Checkpoint(lora / "checkpoints/code").state_dict()), "code", data)
-    ref_code = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(hub["work"] / "base")),
-                                         str(hub["work"] / "lora-code")).eval()
+    ref_code = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(hub["work"] / "base")), str(hub["work"] / "lora-code")
+    ).eval()
     with torch.no_grad():
-        losses = torch.tensor([float(ref_code(input_ids=r[None], labels=r[None]).loss) for r in data.input_ids], dtype=torch.float64)
+        losses = torch.tensor(
+            [float(ref_code(input_ids=r[None], labels=r[None]).loss) for r in data.input_ids], dtype=torch.float64
+        )
     torch.testing.assert_close(out[:, 0] / (BLOCK - 1), losses, rtol=1e-5, atol=1e-5)
 
 
@@ -457,16 +484,20 @@ def test_lora_names_are_normalised(lora, hub, tmp_path):
     from mergeflow.io.checkpoint import Checkpoint
     from mergeflow.models.causal import lora_name
 
-    assert lora_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight") == \
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert (
+        lora_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+        == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    )
     assert lora_name("model.embed_tokens.lora_embedding_B.default") == "base_model.model.model.embed_tokens.lora_embedding_B"
     src = hub["work"] / "lora-code"
     odd = tmp_path / "odd-adapter"
     odd.mkdir()
     shutil.copy(src / "adapter_config.json", odd / "adapter_config.json")
     tensors = load_file(str(src / "adapter_model.safetensors"))
-    renamed = {k.removeprefix("base_model.model.").replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
-               for k, v in tensors.items()}
+    renamed = {
+        k.removeprefix("base_model.model.").replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): v
+        for k, v in tensors.items()
+    }
     assert not set(renamed) & set(tensors)
     save_file(renamed, str(odd / "adapter_model.safetensors"))
     params = swapped_preset(lora=True)

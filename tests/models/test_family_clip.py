@@ -3,6 +3,7 @@
 The real loading code runs (hub resolution, the family's prepare, the zero-shot heads, the
 model's own processor, evaluation), checked against transformers' own CLIPModel.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,11 +30,20 @@ def tiny_clip(seed: int = 0):
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64, bos_token_id=VOCAB_SIZE - 2,
-                         eos_token_id=VOCAB_SIZE - 1, pad_token_id=VOCAB_SIZE - 1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=VOCAB_SIZE - 2,
+            eos_token_id=VOCAB_SIZE - 1,
+            pad_token_id=VOCAB_SIZE - 1,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+        ),
         projection_dim=16,
     )
     return CLIPModel(config).eval()
@@ -77,8 +87,9 @@ def image_dataset(folder: Path, classes: list[str], seed: int, n_test: int = 12,
             PILImage.fromarray(arr).save(buf, format="PNG")
             images.append({"bytes": buf.getvalue(), "path": None})
             labels.append(i % len(classes))
-        ds = Dataset.from_dict({"image": images, "label": labels},
-                               features=Features({"image": Image(), "label": ClassLabel(names=classes)}))
+        ds = Dataset.from_dict(
+            {"image": images, "label": labels}, features=Features({"image": Image(), "label": ClassLabel(names=classes)})
+        )
         (folder / "data").mkdir(parents=True, exist_ok=True)
         ds.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
 
@@ -121,8 +132,13 @@ def swapped_preset(tasks=("mnist", "eurosat")) -> dict:
     assert params["download"]["base"] == "hf://openai/clip-vit-base-patch32"
     params["download"]["base"] = "hf://openai/clip-tiny"
     params["download"]["tasks"] = {
-        t: {**params["download"]["tasks"][t], "model": f"hf://tanganke/clip-tiny_{t}", "dataset": f"hf://datasets/tanganke/tiny-{t}"}
-        for t in tasks}
+        t: {
+            **params["download"]["tasks"][t],
+            "model": f"hf://tanganke/clip-tiny_{t}",
+            "dataset": f"hf://datasets/tanganke/tiny-{t}",
+        }
+        for t in tasks
+    }
     params["download"]["options"]["query_pool"] = 16
     params["compress"]["queries"] = 5
     params["merge"]["autoswitch"] = {"k": 3, "batch_size": 8}
@@ -308,7 +324,6 @@ def test_local_folders_work_the_same(hub, tmp_path):
     assert sources["base"]["sha256"] == fingerprint(hub["work"] / "base")
     assert len(sources["refs"]["eurosat"]["dataset"]["sha256"]) == 64
     assert (tmp_path / "artifacts/heads/eurosat.safetensors").exists()
-
 
 
 @pytest.mark.subprocess

@@ -5,6 +5,7 @@ The real loading code runs (hub resolution, the family's prepare, heads, tokenis
 evaluation), checked against transformers' own AutoModelForSequenceClassification and against
 scikit-learn / SciPy metrics.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,10 @@ from tests.hfcache import add_folder, pipeline_workspace, reported_rows, sh
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "presets" / "roberta-glue.yaml"
-WORDS = ("the cat dog sat ran on in a park mat quick brown fox lazy men play guitar is this sentence "
-         "good bad very not two woman eats food man reads book").split()
+WORDS = (
+    "the cat dog sat ran on in a park mat quick brown fox lazy men play guitar is this sentence "
+    "good bad very not two woman eats food man reads book"
+).split()
 NUM_LABELS = {"cola": 2, "stsb": 1, "mnli": 3}
 MAX_LENGTH = 24
 
@@ -39,8 +42,13 @@ def tiny_tokenizer(folder: Path):
     from transformers import RobertaTokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(sentences(np.random.default_rng(0), 200), vocab_size=300, min_frequency=1,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe.train_from_iterator(
+        sentences(np.random.default_rng(0), 200),
+        vocab_size=300,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
     bpe.save_model(str(folder))
     merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text().splitlines()[1:] if line]
     (folder / "merges.txt").unlink()
@@ -53,10 +61,20 @@ def tiny_tokenizer(folder: Path):
 def tiny_config(vocab_size: int, **kw):
     from transformers import RobertaConfig
 
-    return RobertaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=kw.pop("intermediate_size", 64), max_position_embeddings=MAX_LENGTH + 2 + 8,
-                         pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1,
-                         initializer_range=0.3, **kw)  # wide enough that inputs' CLS states differ
+    return RobertaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=kw.pop("intermediate_size", 64),
+        max_position_embeddings=MAX_LENGTH + 2 + 8,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        type_vocab_size=1,
+        initializer_range=0.3,
+        **kw,
+    )  # wide enough that inputs' CLS states differ
 
 
 def finetune(base, tok, num_labels: int, seed: int, **kw):
@@ -69,8 +87,9 @@ def finetune(base, tok, num_labels: int, seed: int, **kw):
     if not kw:
         model.roberta.load_state_dict(base.roberta.state_dict(), strict=False)
     gen = torch.Generator().manual_seed(seed)
-    enc = tok(sentences(np.random.default_rng(seed), 40), padding=True, truncation=True, max_length=MAX_LENGTH,
-              return_tensors="pt")
+    enc = tok(
+        sentences(np.random.default_rng(seed), 40), padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith("roberta."):
@@ -81,8 +100,9 @@ def finetune(base, tok, num_labels: int, seed: int, **kw):
     return model
 
 
-def glue_like(folder: Path, task: str, columns: list[str], num_labels: int, seed: int, layout: str,
-              splits=("train", "validation", "test")) -> None:
+def glue_like(
+    folder: Path, task: str, columns: list[str], num_labels: int, seed: int, layout: str, splits=("train", "validation", "test")
+) -> None:
     """Parquet splits in nyu-mll/glue's layout (<task>/<split>-00000-of-00001.parquet, configs in the
     README) or the plain one (data/<split>-00000-of-00001.parquet)."""
     from datasets import ClassLabel, Dataset, Features, Value
@@ -156,8 +176,15 @@ def hub(tmp_path_factory):
     glue_readme(glue, {"cola": ("train", "validation", "test"), "stsb": ("train", "validation", "test")})
     commits["glue"] = add_folder(cache, "nyu-mll/tiny-glue", glue, repo_type="dataset")
     mnli = work / "ds_mnli"
-    glue_like(mnli, "mnli", ["premise", "hypothesis"], 3, seed=22, layout="plain",
-              splits=("train", "validation_matched", "validation_mismatched"))
+    glue_like(
+        mnli,
+        "mnli",
+        ["premise", "hypothesis"],
+        3,
+        seed=22,
+        layout="plain",
+        splits=("train", "validation_matched", "validation_mismatched"),
+    )
     commits["ds_mnli"] = add_folder(cache, "glue-team/tiny-mnli", mnli, repo_type="dataset")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: extra threads only wait for each other on a shared machine
@@ -176,8 +203,14 @@ def swapped_preset(tasks=("cola", "stsb", "mnli")) -> dict:
     assert params["download"]["family"] == "text_classification"
     assert params["download"]["base"] == "hf://FacebookAI/roberta-base"
     params["download"]["base"] = "hf://FacebookAI/roberta-tiny"
-    swap = {t: {**params["download"]["tasks"][t], "model": "hf://glue-team/roberta-tiny-glue",
-                "dataset": "hf://datasets/nyu-mll/tiny-glue"} for t in ("cola", "stsb")}
+    swap = {
+        t: {
+            **params["download"]["tasks"][t],
+            "model": "hf://glue-team/roberta-tiny-glue",
+            "dataset": "hf://datasets/nyu-mll/tiny-glue",
+        }
+        for t in ("cola", "stsb")
+    }
     swap["mnli"] = {"model": "hf://glue-team/roberta-tiny_mnli", "dataset": "hf://datasets/glue-team/tiny-mnli"}
     params["download"]["tasks"] = {t: swap[t] for t in tasks}
     params["download"]["options"] = {"max_length": MAX_LENGTH, "query_pool": 16}
@@ -232,6 +265,7 @@ def reference_outputs(hub, task: str, rows: dict):
 
 # --- the preset ------------------------------------------------------------------------------
 
+
 def test_preset_lists_the_glue_suite():
     from mergeflow.params import load_params
 
@@ -248,6 +282,7 @@ def test_preset_lists_the_glue_suite():
 
 # --- download ----------------------------------------------------------------------------------
 
+
 def test_sources_pin_commits_and_metrics(prepared, hub):
     sources = json.loads((prepared / "artifacts/sources.json").read_text())
     c = hub["commits"]
@@ -257,8 +292,11 @@ def test_sources_pin_commits_and_metrics(prepared, hub):
     assert sources["refs"]["mnli"]["dataset"]["commit"] == c["ds_mnli"]
     assert sources["metrics"] == {"cola": "matthews_correlation", "stsb": "pearson_spearmanr", "mnli": "accuracy"}
     assert sources["num_labels"] == NUM_LABELS
-    assert sources["rows"] == {"cola": {"test": 12, "train": 16}, "stsb": {"test": 12, "train": 16},
-                               "mnli": {"test": 12, "train": 16}}
+    assert sources["rows"] == {
+        "cola": {"test": 12, "train": 16},
+        "stsb": {"test": 12, "train": 16},
+        "mnli": {"test": 12, "train": 16},
+    }
 
 
 def test_checkpoints_hold_the_body_only(prepared, hub):
@@ -269,8 +307,11 @@ def test_checkpoints_hold_the_body_only(prepared, hub):
     art = prepared / "artifacts"
     ck = {n: Checkpoint(art / "checkpoints" / n) for n in ("base", *NUM_LABELS)}
     base = RobertaForMaskedLM.from_pretrained(str(hub["base"]))
-    want = {k: tuple(v.shape) for k, v in RobertaForSequenceClassification(base.config).state_dict().items()
-            if not k.startswith("classifier.")}
+    want = {
+        k: tuple(v.shape)
+        for k, v in RobertaForSequenceClassification(base.config).state_dict().items()
+        if not k.startswith("classifier.")
+    }
     for name, c in ck.items():
         assert {n: tuple(c.shape(n)) for n in c.names()} == want, name
     assert all(n.startswith("roberta.") for n in want)
@@ -280,8 +321,10 @@ def test_checkpoints_hold_the_body_only(prepared, hub):
         ref = AutoModelForSequenceClassification.from_pretrained(str(hub["refs"][task])).state_dict()
         for name in want:
             assert torch.equal(ck[task].get(name), ref[name]), (task, name)
-        assert not torch.equal(ck[task].get("roberta.encoder.layer.1.output.dense.weight"),
-                               ck["base"].get("roberta.encoder.layer.1.output.dense.weight"))
+        assert not torch.equal(
+            ck[task].get("roberta.encoder.layer.1.output.dense.weight"),
+            ck["base"].get("roberta.encoder.layer.1.output.dense.weight"),
+        )
     # the base folder carries the tokenizer: it tokenises as the original
     from transformers import AutoTokenizer
 
@@ -304,6 +347,7 @@ def test_heads_are_the_finetunes_classifiers(prepared, hub):
 
 
 # --- evaluation --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def family(prepared):
@@ -415,11 +459,12 @@ def test_query_pool_is_a_seeded_sample(prepared, hub, family):
     tok = AutoTokenizer.from_pretrained(str(hub["base"]))
     for i, r in enumerate(picked):
         want = tok(raw["sentence"][r], truncation=True, max_length=MAX_LENGTH)["input_ids"]
-        assert train.ids[train.offsets[i]:train.offsets[i + 1]].tolist() == want
+        assert train.ids[train.offsets[i] : train.offsets[i + 1]].tolist() == want
         assert int(train.labels[i]) == raw["label"][r]
 
 
 # --- bad sources -------------------------------------------------------------------------------
+
 
 def sources_for(hub, task: str, model: Path, **options):
     from mergeflow.models.family import Source, Sources, TaskSources
@@ -427,9 +472,12 @@ def sources_for(hub, task: str, model: Path, **options):
 
     ds = hub["work"] / ("ds_mnli" if task == "mnli" else "glue")
     topts = {**TextClassification.task_options, "subset": None if task == "mnli" else task, **options}
-    return Sources("text_classification", Source(str(hub["base"]), hub["base"]),
-                   {task: TaskSources(task, Source(str(model), model), Source(str(ds), ds), topts)},
-                   {**TextClassification.options, "max_length": MAX_LENGTH, "query_pool": 4})
+    return Sources(
+        "text_classification",
+        Source(str(hub["base"]), hub["base"]),
+        {task: TaskSources(task, Source(str(model), model), Source(str(ds), ds), topts)},
+        {**TextClassification.options, "max_length": MAX_LENGTH, "query_pool": 4},
+    )
 
 
 def one_line_error(hub, tmp_path, sources) -> str:

@@ -1,4 +1,5 @@
 """The built-in zoo (zoo://digits) and the CLIP-vision adapter, on a tiny zoo built in seconds."""
+
 from __future__ import annotations
 
 import json
@@ -91,6 +92,7 @@ def test_every_task_has_its_own_domain():
 
 # ----------------------------------------------------------------------------- content transforms
 
+
 @pytest.mark.parametrize(
     "task, source",
     [
@@ -151,6 +153,7 @@ def test_label_maps():
 
 
 # ----------------------------------------------------------------------------- domain styles
+
 
 def test_style_patterns():
     r = torch.arange(N).view(-1, 1).expand(N, N)
@@ -243,6 +246,7 @@ def test_spec_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- the built zoo
 
+
 def test_manifest_and_progress(zoo):
     root, manifest, messages = zoo
     tasks = list(TASKS[:2])
@@ -291,7 +295,9 @@ def test_layout(zoo):
     # only the zoo's own files, no temporary leftovers
     assert sorted(p.name for p in root.iterdir()) == ["checkpoints", "data", "heads"]
     assert not [p for p in root.rglob("*") if p.name.startswith(".") and p.name != ".mergeflow-output"]
-    assert sorted(p.parent.name for p in root.rglob(".mergeflow-output")) == sorted(p.name for p in (root / "checkpoints").iterdir())
+    assert sorted(p.parent.name for p in root.rglob(".mergeflow-output")) == sorted(
+        p.name for p in (root / "checkpoints").iterdir()
+    )
 
 
 def test_splits(zoo):

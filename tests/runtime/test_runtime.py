@@ -1,6 +1,7 @@
 """The switch runtime against independent expectations: bitwise restoration, T-Switch's task
 model theta_0 + s*B (``apply_switch`` and the definition), the weighted sum of METHODS.md's
 Auto-Switch, grouped serving, the backup's extent and the bit packing."""
+
 from __future__ import annotations
 
 import math
@@ -80,7 +81,9 @@ def switches() -> dict[str, Switch]:
     return make_switches()
 
 
-def expected_sum(base: dict[str, torch.Tensor], switches: dict[str, Switch], weights: dict[str, float]) -> dict[str, torch.Tensor]:
+def expected_sum(
+    base: dict[str, torch.Tensor], switches: dict[str, Switch], weights: dict[str, float]
+) -> dict[str, torch.Tensor]:
     """theta_0 + sum_t w_t s_t B_t (dense: + w_t dense_t), computed directly in float64."""
     out = {}
     for name, theta in base.items():
@@ -156,6 +159,7 @@ def test_strided_parameter(switches):
 
 # --- the task model ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("chunk", [None, 64])
 def test_one_hot_equals_apply_switch_and_definition(switches, chunk):
     base = make_base(torch.float32, specials=False)
@@ -228,8 +232,12 @@ def test_dense_and_skipped_tensors(switches):
 
 def test_integer_tensors_are_never_changed():
     base = {"w": torch.randn(4, 4), "ids": torch.arange(16).reshape(4, 4)}
-    switch = Switch(tensors={"w": SwitchTensor(torch.ones(4, 4, dtype=torch.int8), 0.5),
-                             "ids": SwitchTensor(torch.ones(4, 4, dtype=torch.int8), 0.5)})
+    switch = Switch(
+        tensors={
+            "w": SwitchTensor(torch.ones(4, 4, dtype=torch.int8), 0.5),
+            "ids": SwitchTensor(torch.ones(4, 4, dtype=torch.int8), 0.5),
+        }
+    )
     snapshot = {k: v.clone() for k, v in base.items()}
     rt = SwitchRuntime(base, {"t": switch})
     with rt.use({"t": 1.0}):
@@ -239,8 +247,16 @@ def test_integer_tensors_are_never_changed():
 
 # --- state and errors ---------------------------------------------------------------------------------
 
-SWITCH_SEQUENCE = [{"a": 1.0}, {"b": 1.0}, {"a": 0.3, "b": 0.7}, {"a": 0.3, "b": 0.7}, {"c": -0.8}, {},
-                   {"a": 0.1, "b": 0.2, "c": 0.7}, {"b": 1.0}]
+SWITCH_SEQUENCE = [
+    {"a": 1.0},
+    {"b": 1.0},
+    {"a": 0.3, "b": 0.7},
+    {"a": 0.3, "b": 0.7},
+    {"c": -0.8},
+    {},
+    {"a": 0.1, "b": 0.2, "c": 0.7},
+    {"b": 1.0},
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -260,10 +276,26 @@ def test_switch_equals_remove_then_apply(switches, dtype):
         assert rt.active == ref.active == weights
         for name in base:
             assert same_bits(base[name], twin[name]), (weights, name)
-        saved = {name: sorted((int(p.start) + int(i), int(v)) for p in b.pieces for i, v in zip(p.pos.long(), p.vals.view(-1).view(torch.int16 if p.vals.element_size() == 2 else torch.int32).long()))
-                 for name, b in rt._backup.items()}
-        want = {name: sorted((int(p.start) + int(i), int(v)) for p in b.pieces for i, v in zip(p.pos.long(), p.vals.view(-1).view(torch.int16 if p.vals.element_size() == 2 else torch.int32).long()))
-                for name, b in ref._backup.items()}
+        saved = {
+            name: sorted(
+                (int(p.start) + int(i), int(v))
+                for p in b.pieces
+                for i, v in zip(
+                    p.pos.long(), p.vals.view(-1).view(torch.int16 if p.vals.element_size() == 2 else torch.int32).long()
+                )
+            )
+            for name, b in rt._backup.items()
+        }
+        want = {
+            name: sorted(
+                (int(p.start) + int(i), int(v))
+                for p in b.pieces
+                for i, v in zip(
+                    p.pos.long(), p.vals.view(-1).view(torch.int16 if p.vals.element_size() == 2 else torch.int32).long()
+                )
+            )
+            for name, b in ref._backup.items()
+        }
         assert saved == want, weights
     rt.remove()
     assert all(same_bits(base[k], snapshot[k]) for k in base)
@@ -319,11 +351,13 @@ def test_use_restores_when_the_block_raises(switches):
 
 def failing_call(real, calls: list, nth: int, message: str):
     """``real``, except that the nth call counted in ``calls`` (shared by several wrappers) raises."""
+
     def run(*args):
         calls.append(1)
         if len(calls) == nth:
             raise RuntimeError(message)
         return real(*args)
+
     return run
 
 
@@ -357,13 +391,15 @@ def test_bad_weights_and_switches(switches):
     with pytest.raises(MergeflowError, match="shape"):
         SwitchRuntime(bad, switches)
     tied = dict(base, **{"dec.weight": base["enc.weight"]})
-    tied_switch = Switch(tensors={"enc.weight": switches["a"].tensors["enc.weight"],
-                                  "dec.weight": switches["a"].tensors["enc.weight"]})
+    tied_switch = Switch(
+        tensors={"enc.weight": switches["a"].tensors["enc.weight"], "dec.weight": switches["a"].tensors["enc.weight"]}
+    )
     with pytest.raises(MergeflowError, match="share memory"):
         SwitchRuntime(tied, {"t": tied_switch})
 
 
 # --- memory ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backup_holds_only_touched_entries(dtype):
@@ -477,9 +513,12 @@ def test_pack_rejects_non_ternary():
 
 # --- serving ------------------------------------------------------------------------------------------
 
+
 def tiny_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+    )
 
 
 def model_switches(model: torch.nn.Module) -> dict[str, Switch]:
@@ -516,11 +555,11 @@ def test_grouped_predict_equals_each_row_alone():
     for i in range(len(rows)):
         weights = dict(zip(TASKS, rows[i].tolist()))
         params = {k: v.float() for k, v in expected_sum(snapshot, switches, weights).items()}
-        ref = torch.func.functional_call(model, params, (x[i:i + 1],))
-        assert torch.allclose(out[i:i + 1], ref, rtol=1e-5, atol=1e-6), i
+        ref = torch.func.functional_call(model, params, (x[i : i + 1],))
+        assert torch.allclose(out[i : i + 1], ref, rtol=1e-5, atol=1e-6), i
         with sm.runtime.use(weights):
-            alone = model(x[i:i + 1])
-        assert torch.allclose(out[i:i + 1], alone, rtol=1e-5, atol=1e-6), i
+            alone = model(x[i : i + 1])
+        assert torch.allclose(out[i : i + 1], alone, rtol=1e-5, atol=1e-6), i
 
 
 def test_predict_router_forward_and_mapping_inputs():
@@ -546,6 +585,7 @@ def test_predict_router_forward_and_mapping_inputs():
 
 
 # --- loading and devices ------------------------------------------------------------------------------
+
 
 def test_load_runtime_from_files(tmp_path, switches):
     base = make_base(torch.float32, specials=False)

@@ -1,4 +1,5 @@
 """The whole pipeline on a small zoo: Prefect flow, caching, DVC (status, selective repro, exp run), MLflow."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,15 @@ from typer.testing import CliRunner
 pytestmark = pytest.mark.subprocess
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL_ZOO = {"n_tasks": 2, "max_samples": 500, "hidden_size": 32, "num_layers": 2, "intermediate_size": 64,
-             "pretrain_epochs": 4, "finetune_epochs": 3}
+SMALL_ZOO = {
+    "n_tasks": 2,
+    "max_samples": 500,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "intermediate_size": 64,
+    "pretrain_epochs": 4,
+    "finetune_epochs": 3,
+}
 
 
 def sh(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -63,7 +71,9 @@ def _tree_digest(folder: Path) -> str:
 
 def reported(methods: list[str]) -> list[str]:
     """The rows metrics.json has for the listed methods: Auto-Switch has one per routing mode."""
-    return [r for m in methods for r in ([f"autoswitch_{mode}" for mode in ("batch", "sample", "hard")] if m == "autoswitch" else [m])]
+    return [
+        r for m in methods for r in ([f"autoswitch_{mode}" for mode in ("batch", "sample", "hard")] if m == "autoswitch" else [m])
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +189,11 @@ def test_editing_the_merge_stage_reruns_merge_alone(workspace, first_run):
         status = json.loads(sh([sys.executable, "-m", "dvc", "status", "--json"], workspace).stdout)
         assert set(status) == {"merge"}, status
         merged_before = _tree_digest(workspace / "artifacts/merged")
-        out = sh([sys.executable, "-c", "from flows.cli import main; main()", "run", "--params", "params.yaml", "--no-track"],
-                 workspace, env_extra=env).stdout  # MLflow's record is test_mlflow_record's
+        out = sh(
+            [sys.executable, "-c", "from flows.cli import main; main()", "run", "--params", "params.yaml", "--no-track"],
+            workspace,
+            env_extra=env,
+        ).stdout  # MLflow's record is test_mlflow_record's
         cached = out.rsplit("stages cached: ", 1)[1].split(";")[0].split(", ")
         # evaluate reruns exactly when merge's outputs changed (SVD merges may differ in the last bit
         # between processes with other thread counts), as DVC would decide
@@ -212,4 +225,3 @@ def test_selective_repro_and_exp_run(workspace, first_run):
     assert ran == {"compress", "merge", "evaluate"}, out
     metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
     assert metrics["switches"]["drop"] == 0.8
-

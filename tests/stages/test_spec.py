@@ -1,5 +1,6 @@
 """The one staleness truth: mergeflow/stages/spec.py's table, dvc.yaml generated from it, and the
 code each stage runs (its module and what it imports, never another stage's module)."""
+
 from __future__ import annotations
 
 from pathlib import Path

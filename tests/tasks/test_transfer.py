@@ -1,6 +1,7 @@
 """Artifacts through a DVC remote (tasks/transfer.py), without Prefect: what a worker adds and
 pushes comes back whole through ``pull`` (files, bytes, empty folders), a worker's copy pulls an
 input only when its hash or its files changed, and a hash the remote lacks is a one-line error."""
+
 from __future__ import annotations
 
 import subprocess
