@@ -302,14 +302,12 @@ def test_dvc_transfer_moves_the_artifacts_through_the_remote(deployed, api_url, 
     params["run"]["dvc_remote"] = "team"
     ws2 = pipeline_workspace(tmp_path / "ws2", params)
     subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "team", str(tmp_path / "remote")], cwd=ws2, check=True)
-    proc = subprocess.run(
-        [str(BIN / "mergeflow"), "run", "--params", str(ws2 / "params.yaml"), "--no-track"],
-        env=_env(api_url),
-        cwd=ws2,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def run_ws2() -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "mergeflow"), "run", "--params", str(ws2 / "params.yaml"), "--no-track"]
+        return subprocess.run(cmd, env=_env(api_url), cwd=ws2, capture_output=True, text=True, timeout=300)
+
+    proc = run_ws2()
     worker, log = gpu_worker
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
     assert "stages cached: none;" in proc.stdout
@@ -342,14 +340,7 @@ def test_dvc_transfer_moves_the_artifacts_through_the_remote(deployed, api_url, 
     assert inodes
     params["merge"]["task_arithmetic"] = {"scaling": 0.25}
     (ws2 / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    proc = subprocess.run(
-        [str(BIN / "mergeflow"), "run", "--params", str(ws2 / "params.yaml"), "--no-track"],
-        env=_env(api_url),
-        cwd=ws2,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_ws2()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + log.read_text()[-3000:]
     assert "stages cached: download, extract, compress;" in proc.stdout
     assert read_stamp(ws2, "merge") == read_stamp(copy, "merge")

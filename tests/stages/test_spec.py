@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mergeflow.stages import STAGES, spec
@@ -52,40 +53,38 @@ def test_code_follows_imports_in_functions_and_module_tables():
     assert "mergeflow/cli.py" not in everything and "mergeflow/io/lock.py" not in everything
 
 
-def test_the_digest_moves_with_the_code_only(tmp_path, monkeypatch):
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """A copy of the mergeflow package that spec reads instead of the real one."""
     import shutil
 
     copy = tmp_path / "mergeflow"
     shutil.copytree(spec.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(spec, "PACKAGE", copy)
     spec.code_files.cache_clear()
-    try:
-        before = {s: spec.code_digest(s) for s in STAGES}
-        (copy / "stages" / "merge.py").write_text((copy / "stages" / "merge.py").read_text() + "# a comment\n")
-        (copy / "cli.py").write_text((copy / "cli.py").read_text() + "# a comment\n")
-        after = {s: spec.code_digest(s) for s in STAGES}
-    finally:
-        spec.code_files.cache_clear()
+    yield copy
+    spec.code_files.cache_clear()
+
+
+def test_the_digest_moves_with_the_code_only(package_copy):
+    copy = package_copy
+    before = {s: spec.code_digest(s) for s in STAGES}
+    (copy / "stages" / "merge.py").write_text((copy / "stages" / "merge.py").read_text() + "# a comment\n")
+    (copy / "cli.py").write_text((copy / "cli.py").read_text() + "# a comment\n")
+    spec.code_files.cache_clear()
+    after = {s: spec.code_digest(s) for s in STAGES}
     assert [s for s in STAGES if before[s] != after[s]] == ["merge"]
 
 
-def test_a_new_method_file_is_part_of_every_stage_that_loads_the_registry(tmp_path, monkeypatch):
-    import shutil
-
-    copy = tmp_path / "mergeflow"
-    shutil.copytree(spec.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(spec, "PACKAGE", copy)
+def test_a_new_method_file_is_part_of_every_stage_that_loads_the_registry(package_copy):
+    before = {s: spec.code_digest(s) for s in STAGES}
+    (package_copy / "methods" / "new_method.py").write_text('"""A new method."""\n')
     spec.code_files.cache_clear()
-    try:
-        before = {s: spec.code_digest(s) for s in STAGES}
-        (copy / "methods" / "new_method.py").write_text('"""A new method."""\n')
-        files = {s: _rel(spec.code_files(s)) for s in STAGES}
-        spec.code_files.cache_clear()
-        after = {s: spec.code_digest(s) for s in STAGES}
-        deps = {s: spec.code_deps(s) for s in STAGES}
-    finally:
-        spec.code_files.cache_clear()
+    files = {s: _rel(spec.code_files(s)) for s in STAGES}
+    after = {s: spec.code_digest(s) for s in STAGES}
+    deps = {s: spec.code_deps(s) for s in STAGES}
     loading = [s for s in STAGES if "mergeflow/methods/__init__.py" in files[s]]
     assert loading == list(STAGES)  # every stage validates params.yaml, which loads the registry
     assert [s for s in STAGES if before[s] != after[s]] == loading
+    assert all("mergeflow/methods/new_method.py" in files[s] for s in loading)
     assert all("mergeflow/methods" in deps[s] and not any(d.startswith("mergeflow/methods/") for d in deps[s]) for s in loading)
