@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 _SAMPLE = 1 << 16
-_SAMPLE_MIN_N = 1 << 20
+SAMPLE_MIN_N = 1 << 20
 _KEY_MAX = 0x7FFFFFFF  # |float32| keys (sign cleared); finite inputs stay <= +inf's key
 
 
@@ -190,7 +190,7 @@ def kth_abs_tau(base: np.ndarray, ft: np.ndarray, subtract: bool, k: int) -> flo
 
     scan, select = _k("scan_keys"), _k("select_keys")
     lo, hi, r, bracketed = 0, _KEY_MAX, k, False
-    if n >= _SAMPLE_MIN_N:
+    if n >= SAMPLE_MIN_N:
         stride = n // _SAMPLE
         sample = np.empty((n + stride - 1) // stride, np.uint32)
         _k("sample_keys")(base, ft, subtract, stride, sample)

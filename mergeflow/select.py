@@ -30,7 +30,7 @@ _NUMPY_DEVICES = ("cpu",)  # devices whose keys go through numpy (tests empty it
 _CPU_CHUNK = 1 << 18  # elements per streamed chunk on CPU: temporaries stay in cache
 _GPU_CHUNK = 1 << 26  # on accelerators: few, large kernels
 _SAMPLE = 1 << 16  # sample size for the bracket shortcut
-_SAMPLE_MIN_N = 1 << 20  # below this the plain radix select is already cheap
+SAMPLE_MIN_N = 1 << 20  # below this the plain radix select is already cheap
 _MAX_BAND = 1 << 22  # most keys the shortcut may gather before giving up
 
 _F32_INF = 0x7F800000  # float32 +inf as a key; NaN keys are larger
@@ -184,7 +184,7 @@ def _kth(values: torch.Tensor, k: int, has_zero: bool) -> torch.Tensor:
         return torch.tensor(value, dtype=torch.float32).to(values.dtype).to(values.device)
     bits = torch.iinfo(key).bits
     keys = _keys(flat, clear_sign=has_zero)
-    found = _shortcut(flat, keys, k, bits) if bits > _DIGIT and flat.numel() >= _SAMPLE_MIN_N else None
+    found = _shortcut(flat, keys, k, bits) if bits > _DIGIT and flat.numel() >= SAMPLE_MIN_N else None
     if found is None:
         found = _radix(keys, k, bits)
     return torch.tensor(found, dtype=key).view(values.dtype).to(values.device)

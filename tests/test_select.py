@@ -77,7 +77,7 @@ def test_negative_zero_is_zero():
 def test_sample_shortcut_and_its_fallback(monkeypatch, shortcut):
     """The sampled bracket must never change the answer, whether it holds the k-th or not."""
     torch.manual_seed(1)
-    monkeypatch.setattr(select, "_SAMPLE_MIN_N", 1 << 10)
+    monkeypatch.setattr(select, "SAMPLE_MIN_N", 1 << 10)
     monkeypatch.setattr(select, "_SAMPLE", 1 << 8)
     monkeypatch.setattr(select, "_CPU_CHUNK", 1 << 12)
     n = 1 << 16
@@ -97,7 +97,7 @@ def test_sample_shortcut_and_its_fallback(monkeypatch, shortcut):
 
 def test_large_tensor_uses_shortcut_exactly():
     torch.manual_seed(2)
-    values = torch.randn(select._SAMPLE_MIN_N + 5).abs()
+    values = torch.randn(select.SAMPLE_MIN_N + 5).abs()
     values[::3] = 0.5  # a heavy tie
     check_all_k(values, ks=[1, values.numel() // 3, values.numel() // 10, values.numel()])
 
@@ -200,7 +200,7 @@ def test_torch_array_path_on_cpu(monkeypatch, dtype):
     """The torch-tensor path (the one CUDA takes) gives the same answers, run here on CPU."""
     torch.manual_seed(5)
     monkeypatch.setattr(select, "_NUMPY_DEVICES", ())
-    monkeypatch.setattr(select, "_SAMPLE_MIN_N", 1 << 10)
+    monkeypatch.setattr(select, "SAMPLE_MIN_N", 1 << 10)
     monkeypatch.setattr(select, "_GPU_CHUNK", 1 << 12)
     values = torch.randn(1 << 14).abs().to(dtype)
     values[::7] = 0.5
@@ -213,7 +213,7 @@ def test_torch_array_path_on_cpu(monkeypatch, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     torch.manual_seed(4)
-    x = torch.randn(select._SAMPLE_MIN_N + 17).abs()
+    x = torch.randn(select.SAMPLE_MIN_N + 17).abs()
     x[::5] = 1.0
     for k in (1, 1000, x.numel() // 3, x.numel()):
         got = kth_largest(x.cuda(), k)
