@@ -44,7 +44,6 @@ class Param:
     item: type = float
     high_open: bool = False
     aliases: tuple[str, ...] = ()
-    annotation: str = ""  # the signature's type, for listings
 
     def check(self, value: Any, where: str) -> Any:
         """``value`` validated (ints widened to float where a float is expected), or a one-line error."""
@@ -117,10 +116,5 @@ def params_of(fn: Callable[..., Any]) -> dict[str, Param]:
         if hp is None or prm.default is inspect.Parameter.empty:
             raise TypeError(f"{fn.__qualname__}: hyper-parameter {pname} needs an Hp(...) annotation and a default")
         kinds, item, choices = _kinds(tp)
-        out[pname] = Param(prm.default, hp.help, hp.low, hp.high, choices, kinds, item, hp.high_open, hp.aliases, _type_name(tp))
+        out[pname] = Param(prm.default, hp.help, hp.low, hp.high, choices, kinds, item, hp.high_open, hp.aliases)
     return out
-
-
-def _type_name(tp: Any) -> str:
-    text = getattr(tp, "__name__", None) if isinstance(tp, type) else None
-    return text or str(tp).replace("typing.", "")

@@ -140,7 +140,8 @@ def register(
     the optional ``Method`` fields (prepare, storage, blockwise, ..., write, evaluate, compact)."""
     if kind not in KINDS or data not in DATA:
         raise TypeError(f"method {name}: kind must be one of {KINDS} and data one of {DATA}")
-    unknown = set(hooks) - {f.name for f in dataclasses.fields(Method)} - {"wants"}
+    hookable = {f.name for f in dataclasses.fields(Method)} - {"wants"}  # wants is derived from the signature
+    unknown = set(hooks) - hookable
     if unknown:
         raise TypeError(f"method {name}: unknown register options {sorted(unknown)}")
 
