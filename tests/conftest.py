@@ -14,6 +14,7 @@ os.environ["PREFECT_HOME"] = str(Path(_HOME) / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["MERGEFLOW_CACHE"] = str(Path(_HOME) / "cache")  # the session's zoo cache: each small zoo spec built once
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)

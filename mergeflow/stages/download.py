@@ -28,9 +28,10 @@ def run(p: Params, root: Path, log: Log = noop, map_units=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=".download.", dir=keep_tree(lay.artifacts)))
     try:
         if p.download.family is None:
-            from mergeflow.zoo import ZooSpec, build_zoo
+            from mergeflow.stages import zoo_cache
+            from mergeflow.zoo import ZooSpec
 
-            manifest = build_zoo(tmp, seed=p.seed, spec=ZooSpec(**p.download.zoo), progress=log)
+            manifest = zoo_cache.build(tmp, p.seed, ZooSpec(**p.download.zoo), log)  # built once per machine and spec
             manifest = {**manifest, "family": "zoo", "source": p.download.source}
         else:
             from mergeflow.models import get_family

@@ -74,12 +74,19 @@ def discovers(path: Path) -> bool:
 
 def _imported(path: Path, module: str) -> set[str]:
     """The mergeflow modules ``path`` (module ``module``) names in imports or as strings."""
-    text = path.read_text()
-    tree = ast.parse(text, str(path))
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
+    st = path.stat()  # parsed once per process and file version: every stage's walk shares the parse
+    found = set(_named(path, module, st.st_mtime_ns, st.st_size))
     if discovers(path):
         found.update(f"{module}.{f.stem}" for f in path.parent.glob("*.py") if f.name != "__init__.py")
+    return {m for m in found if m.split(".")[0] == "mergeflow" and _file(m) is not None}
+
+
+@functools.lru_cache(maxsize=None)
+def _named(path: Path, module: str, mtime_ns: int, size: int) -> frozenset[str]:
+    """Every module name the file's imports and strings give (a function of its content)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -92,7 +99,7 @@ def _imported(path: Path, module: str) -> set[str]:
             found.update(f"{base}.{a.name}" for a in node.names)  # `from pkg import module`
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (m := _MODULE_STRING.fullmatch(node.value)):
             found.add(m.group(1))
-    return {m for m in found if m.split(".")[0] == "mergeflow" and _file(m) is not None}
+    return frozenset(found)
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,20 +13,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.hfcache import SMALL_ZOO
+
 # every test reads the run of one git + DVC workspace (git, dvc and mergeflow subprocesses) on the
 # session's Prefect server (marked `server` by conftest)
 pytestmark = pytest.mark.subprocess
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL_ZOO = {
-    "n_tasks": 2,
-    "max_samples": 500,
-    "hidden_size": 32,
-    "num_layers": 2,
-    "intermediate_size": 64,
-    "pretrain_epochs": 4,
-    "finetune_epochs": 3,
-}
 
 
 def sh(cmd: list[str], cwd: Path, check: bool = True, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -43,7 +36,9 @@ def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("ws")
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(ROOT / name, ws / name)
-    shutil.copytree(ROOT / "mergeflow", ws / "mergeflow", ignore=shutil.ignore_patterns("__pycache__"))
+    # with __pycache__ (DVC ignores it): test_editing_the_merge_stage runs this copy, whose unchanged
+    # modules then need neither compiling nor their numba kernels building again (mtimes are kept)
+    shutil.copytree(ROOT / "mergeflow", ws / "mergeflow")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["experiment"] = "pipeline-test"
     params["download"]["zoo"] = SMALL_ZOO
