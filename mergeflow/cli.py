@@ -105,8 +105,16 @@ def merge_cmd(
     out: Annotated[Path, typer.Option(help="output directory")],
     set_: SetOpt = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "auto",
+    family: Annotated[
+        str,
+        typer.Option(help="auto: map names through config.json's architectures (prefixes, heads); none: names as stored"),
+    ] = "auto",
 ) -> None:
-    """Merge fine-tuned MODELs onto the base with one method."""
+    """Merge fine-tuned MODELs onto the base with one method.
+
+    Raw Hugging Face fine-tunes are fine: each model's names are mapped onto the base's body
+    (``bert.`` / ``roberta.`` prefixes, legacy buffers), and classification heads are never
+    merged: each is written to OUT/heads/<model>.safetensors with its config (label maps)."""
 
     def go():
         from mergeflow import methods
@@ -130,10 +138,20 @@ def merge_cmd(
         base_path, model_paths = resolve_ref(base), [resolve_ref(r) for r in models]
         claim(out, is_dir=True, kind=CHECKPOINT, inputs=[base_path, *model_paths])
         check_models(base_path, model_paths, models)
-        base_ckpt = Checkpoint(base_path)
-        sources = [TaskVectors.from_model(base_ckpt, p) for p in model_paths]
+        from mergeflow.io import body
+
+        base_ckpt, model_cks = Checkpoint(base_path), [Checkpoint(p) for p in model_paths]
+        al = body.align(base_ckpt, model_cks, models, family)
+        base_in, model_in = (al.base, al.models) if al.needs_view else (base_ckpt, model_cks)
+        sources = [TaskVectors.from_model(base_in, ck) for ck in model_in]
+        labels = body.head_labels(models)
+        heads: list[str] = []
+
+        def extra(folder: Path) -> None:
+            heads.extend(body.write_heads(folder, al, model_cks, labels))
+
         if store == "switches":
-            m.compact(base_ckpt, sources, hp, out, typer.echo)
+            m.compact(base_in, sources, hp, out, typer.echo)
             typer.echo(f"wrote {out}")
             return
         from mergeflow._alloc import reuse_freed_memory
@@ -143,7 +161,7 @@ def merge_cmd(
         with bar:
             merge_to_disk(
                 m,
-                base_ckpt,
+                base_in,
                 sources,
                 hp,
                 out,
@@ -151,9 +169,12 @@ def merge_cmd(
                 dtype=DTYPES[out_dtype] if out_dtype else None,
                 progress=update,
                 metadata={"base": base},
+                extra=extra,
             )
         warn_unchanged(sources, models)
-        typer.echo(f"wrote {out}")
+        if al.kept:
+            warn(f"{len(al.kept)} base tensors no model has (e.g. {al.kept[0]}) are kept from the base, not merged")
+        typer.echo(f"wrote {out}" + (f" (heads, not merged: {out / 'heads'}/{{{','.join(heads)}}}.safetensors)" if heads else ""))
 
     guarded(go)
 

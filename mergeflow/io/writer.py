@@ -18,7 +18,7 @@ import os
 import shutil
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import torch
 
@@ -111,8 +111,10 @@ class CheckpointWriter:
         dtype: torch.dtype | None = None,
         metadata: Mapping[str, str] | None = None,
         copy_files: Iterable[str] = COPIED_FILES,
+        on_finish: Callable[[Path], None] | None = None,
     ):
         self.out_dir, self.like, self.dtype = Path(out_dir), like, dtype
+        self.on_finish = on_finish  # called with the temporary folder once it is complete: more files
         self.metadata = {"format": "pt", **dict(metadata or {})}
         self.copy_files = tuple(copy_files)
         self._stack: ExitStack | None = None
@@ -184,6 +186,8 @@ class CheckpointWriter:
             for fname in self.copy_files:
                 if (self.like.path / fname).exists():
                     shutil.copyfile(member_of(self.like.path, fname), self.tmp / fname)
+        if self.on_finish is not None:
+            self.on_finish(self.tmp)
 
     def _abort(self, *exc_info) -> None:
         for f in self._files.values():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -82,11 +82,13 @@ def merge_to_disk(
     progress: Progress | None = None,
     metadata: Mapping[str, str] | None = None,
     data: Any = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> list[Path]:
     """``run`` into checkpoints laid out like the base, written as the tensors are made.
 
     Static: ``out_dir`` is the checkpoint. Dynamic: ``out_dir/task_<i>/`` for the i-th source.
-    Floating tensors are written in ``dtype`` (default: the base tensor's dtype). Atomic: on
+    Floating tensors are written in ``dtype`` (default: the base tensor's dtype). ``extra(folder)``
+    adds files (per-task heads) to the output folder before it is renamed into place. Atomic: on
     any error no ``out_dir`` is left behind (an existing one is kept unchanged).
     """
     from mergeflow.io.atomic import atomic_dir
@@ -94,7 +96,7 @@ def merge_to_disk(
     out_dir = Path(out_dir)
     meta = {"mergeflow_method": method.name, **dict(metadata or {})}
     if not method.dynamic:
-        with CheckpointWriter(out_dir, like=base, dtype=dtype, metadata=meta) as w:
+        with CheckpointWriter(out_dir, like=base, dtype=dtype, metadata=meta, on_finish=extra) as w:
             run(method, base, sources, hp, lambda name, start, ts: w.write_block(name, start, ts[0]), device, progress, data)
         return [out_dir]
     with atomic_dir(out_dir) as tmp:
@@ -118,6 +120,8 @@ def merge_to_disk(
             raise
         for w in entered:
             w.__exit__(None, None, None)
+        if extra is not None:
+            extra(tmp)
     return [out_dir / f"task_{i}" for i in range(len(sources))]
 
 

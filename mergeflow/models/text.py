@@ -148,8 +148,8 @@ class TextClassification(Family):
         n = len(data) if rows is None else len(rows)
         regression = cfg.num_labels == 1
         out = torch.empty(n, dtype=torch.float32 if regression else torch.long)
-        for pos, ids, mask in data.batches(rows, self.batch_size, self.pad_id, device):
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        for pos, inputs in data.batches(rows, self.batch_size, self.pad_id, device):
+            logits = model(**inputs).logits.float()
             out[pos] = (logits[:, 0] if regression else logits.argmax(-1)).cpu()
         return out
 
@@ -165,6 +165,6 @@ class TextClassification(Family):
         device = next(model.base_model.parameters()).device
         n = len(data) if rows is None else len(rows)
         out = torch.empty(n, model.config.hidden_size, dtype=torch.float32)
-        for pos, ids, mask in data.batches(rows, self.batch_size, self.pad_id, device):
-            out[pos] = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0].float().cpu()
+        for pos, inputs in data.batches(rows, self.batch_size, self.pad_id, device):
+            out[pos] = model.base_model(**inputs).last_hidden_state[:, 0].float().cpu()
         return out

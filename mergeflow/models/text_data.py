@@ -27,6 +27,7 @@ class Texts:
     ids: torch.Tensor
     offsets: torch.Tensor
     labels: torch.Tensor
+    types: torch.Tensor | None = None  # token_type_ids, back to back as ``ids`` (BERT-style sentence pairs)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -35,8 +36,10 @@ class Texts:
         return self.offsets[1:] - self.offsets[:-1]
 
     def batches(self, rows: torch.Tensor | None, batch_size: int, pad_id: int, device):
-        """(positions in ``rows``, input_ids [b, L], attention_mask [b, L]) per batch, rows sorted by
-        length (less padding), each batch right-padded with ``pad_id`` to its longest row."""
+        """(positions in ``rows``, the model's inputs) per batch: ``input_ids`` and ``attention_mask``
+        [b, L], and ``token_type_ids`` where the tokenizer gave them (a pair's second sentence is
+        segment 1, as in transformers' own inference). Rows sorted by length (less padding), each
+        batch right-padded with ``pad_id`` to its longest row."""
         rows = torch.arange(len(self)) if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1)
         lengths = self.lengths()[rows]
         order = torch.argsort(lengths, descending=True, stable=True)
@@ -46,11 +49,17 @@ class Texts:
             width = int(lengths[pos].max())
             ids = torch.full((len(sel), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(sel), width), dtype=torch.long)
+            types = None if self.types is None else torch.zeros((len(sel), width), dtype=torch.long)
             for i, r in enumerate(sel.tolist()):
                 a, b = int(self.offsets[r]), int(self.offsets[r + 1])
                 ids[i, : b - a] = self.ids[a:b]
                 mask[i, : b - a] = 1
-            yield pos, ids.to(device), mask.to(device)
+                if types is not None:
+                    types[i, : b - a] = self.types[a:b]
+            inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+            if types is not None:
+                inputs["token_type_ids"] = types.to(device)
+            yield pos, inputs
 
 
 def read_texts(file: Path, limit: int | None = None) -> Texts:
@@ -62,28 +71,34 @@ def read_texts(file: Path, limit: int | None = None) -> Texts:
     from mergeflow.models.data import read_table
 
     table = read_table(file, ("input_ids", "label"), limit)
+    optional = "token_type_ids" in table.column_names
+
+    def flat(name: str) -> np.ndarray:
+        return np.asarray(pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False), dtype=np.int64)
+
     col = table.column("input_ids")
-    flat = np.asarray(pc.list_flatten(col).to_numpy(zero_copy_only=False), dtype=np.int64)
     lengths = np.asarray(pc.list_value_length(col).to_numpy(zero_copy_only=False), dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     label = table.column("label")
     dtype = np.float32 if pa.types.is_floating(label.type) else np.int64
     labels = np.asarray(label.to_numpy(zero_copy_only=False), dtype=dtype)
-    return Texts(torch.from_numpy(flat.copy()), torch.from_numpy(offsets), torch.from_numpy(labels.copy()))
+    types = torch.from_numpy(flat("token_type_ids").copy()) if optional else None
+    return Texts(torch.from_numpy(flat("input_ids").copy()), torch.from_numpy(offsets), torch.from_numpy(labels.copy()), types)
 
 
-def write_texts(path: Path, ids: list[list[int]], labels, regression: bool) -> None:
+def write_texts(path: Path, ids: list[list[int]], labels, regression: bool, types: list[list[int]] | None = None) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from mergeflow.io.atomic import atomic_file
 
-    table = pa.table(
-        {
-            "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
-            "label": pa.array(labels, type=pa.float32() if regression else pa.int64()),
-        }
-    )
+    columns = {
+        "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+        "label": pa.array(labels, type=pa.float32() if regression else pa.int64()),
+    }
+    if types is not None:
+        columns["token_type_ids"] = pa.array(types, type=pa.list_(pa.int8()))
+    table = pa.table(columns)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         pq.write_table(table, str(tmp))
@@ -140,7 +155,7 @@ def prepare_texts(ts: TaskSources, tokenizer, max_length: int, pool: int, seed: 
     test = load_split(dataset, split, subset, [*columns, label_col])
     where = f"{dataset.ref}" + (f" ({subset})" if subset else "") + f" split {split!r}"
     labels = _labels(test, label_col, regression, cfg.num_labels, where)
-    write_texts(folder / "test.parquet", _tokenize(tokenizer, test, columns, max_length), labels, regression)
+    write_texts(folder / "test.parquet", *_with_labels(_tokenize(tokenizer, test, columns, max_length), labels, regression))
     rows = {"test": len(labels)}
     train_split = ts.options.get("train_split")
     if pool and train_split:
@@ -154,9 +169,15 @@ def prepare_texts(ts: TaskSources, tokenizer, max_length: int, pool: int, seed: 
             train = train.select(sorted(torch.randperm(len(train), generator=gen)[:pool].tolist()))
         tw = f"{dataset.ref} split {train_split!r}"
         tl = _labels(train, label_col, regression, cfg.num_labels, tw)
-        write_texts(folder / "train.parquet", _tokenize(tokenizer, train, columns, max_length), tl, regression)
+        write_texts(folder / "train.parquet", *_with_labels(_tokenize(tokenizer, train, columns, max_length), tl, regression))
         rows["train"] = len(tl)
     return rows
+
+
+def _with_labels(tokens: tuple, labels, regression: bool) -> tuple:
+    """``write_texts``' arguments after the path: ids, labels, regression, types."""
+    ids, types = tokens
+    return ids, labels, regression, types
 
 
 def _labels(ds, column: str, regression: bool, num_labels: int, where: str):
@@ -180,10 +201,15 @@ def _labels(ds, column: str, regression: bool, num_labels: int, where: str):
     return y.tolist()
 
 
-def _tokenize(tokenizer, ds, columns: list[str], max_length: int) -> list[list[int]]:
+def _tokenize(tokenizer, ds, columns: list[str], max_length: int) -> tuple[list[list[int]], list[list[int]] | None]:
+    """(input_ids, token_type_ids) per row; the types only for a pair whose tokenizer makes them
+    (BERT's segments; RoBERTa's tokenizer gives none) and where some row has a nonzero one."""
     texts = [[str(t) for t in ds[c]] for c in columns]
     ids: list[list[int]] = []
+    types: list[list[int]] | None = [] if len(columns) == 2 and "token_type_ids" in tokenizer.model_input_names else None
     for i in range(0, len(texts[0]), _TOKENIZE_CHUNK):
         enc = tokenizer(*[t[i : i + _TOKENIZE_CHUNK] for t in texts], truncation=True, max_length=max_length)
         ids.extend(enc["input_ids"])
-    return ids
+        if types is not None:
+            types.extend(enc["token_type_ids"])
+    return ids, types if types and any(any(row) for row in types) else None
