@@ -101,7 +101,7 @@ def fingerprint(p: Params, root: Path, stage: str) -> str | None:
         from mergeflow.stages.download import upstream_state
 
         try:
-            parts["sources_now"] = upstream_state(p, lambda path: outs_digest([path], root))
+            parts["sources_now"] = upstream_state(p, lambda path: outs_digest([path], root), root)
         except MergeflowError:
             return None  # cannot tell: run the stage (it fails with the reason, if there is one)
     for up in spec.upstream(stage):

@@ -70,8 +70,8 @@ def push_inputs(root: Path, stage: str, remote: str) -> dict[str, str]:
         raise MergeflowError(
             f"run.gpu.transfer: dvc needs the workspace {root} to be a DVC repository with dvc.yaml (git init && dvc init)"
         )
-    dvc(["commit", "--force", "--quiet", *ups], root, f"committing the inputs of {stage}")
-    dvc(["push", "--quiet", "-r", remote, *ups], root, f"pushing the inputs of {stage} to remote {remote!r}", retry=True)
+    dvc(["commit", "--force", *ups], root, f"committing the inputs of {stage}")
+    dvc(["push", "-r", remote, *ups], root, f"pushing the inputs of {stage} to remote {remote!r}", retry=True)
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     hashes = {}
     for up in ups:
@@ -98,7 +98,7 @@ def pull(root: Path, hashes: dict[str, str], remote: str, what: str, dirs: Seque
             name = f"{i}-{Path(rel).name}"
             (scratch / f"{name}.dvc").write_text(yaml.safe_dump({"outs": [{"md5": md5, "path": name, "hash": "md5"}]}))
             targets.append(str((scratch / f"{name}.dvc").relative_to(root)))
-        dvc(["pull", "--force", "--quiet", "-r", remote, *targets], root, what, retry=True)
+        dvc(["pull", "--force", "-r", remote, *targets], root, what, retry=True)
         for i, (rel, _) in enumerate(sorted(hashes.items())):
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             replace_whole(scratch / f"{i}-{Path(rel).name}", root / rel)
@@ -111,9 +111,9 @@ def pull(root: Path, hashes: dict[str, str], remote: str, what: str, dirs: Seque
 def add_and_push(root: Path, paths: list[Path], remote: str) -> dict[str, str]:
     """``dvc add`` the outputs (a worker's repository, no dvc.yaml) and push them; returns their hashes."""
     rels = [_rel(root, p) for p in paths]
-    dvc(["add", "--quiet", *rels], root, "adding the stage outputs to the worker's DVC cache")
+    dvc(["add", *rels], root, "adding the stage outputs to the worker's DVC cache")
     dvc(
-        ["push", "--quiet", "-r", remote, *(f"{r}.dvc" for r in rels)],
+        ["push", "-r", remote, *(f"{r}.dvc" for r in rels)],
         root,
         f"pushing the stage outputs to {remote!r}",
         retry=True,
@@ -133,7 +133,7 @@ def prepare_worker(root: Path, url: str, hashes: dict[str, str], stamps: dict[st
     untouched content are not pulled again."""
     root.mkdir(parents=True, exist_ok=True)
     if not (root / ".dvc").is_dir():
-        dvc(["init", "--no-scm", "--quiet"], root, "creating the worker's DVC repository")
+        dvc(["init", "--no-scm"], root, "creating the worker's DVC repository")
     dvc(["remote", "add", "--force", "--default", REMOTE, url], root, "setting the worker's DVC remote")
     keep_tree(root / "artifacts")
     record = keep_tree(root / ".mergeflow") / "inputs.json"

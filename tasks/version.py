@@ -36,9 +36,17 @@ def dvc(args: list[str], cwd: Path, what: str, retry_delays: tuple[float, ...] =
             break
         time.sleep(delay)
     if proc.returncode != 0:
-        detail = " ".join((proc.stderr or proc.stdout).split())[:300]
-        raise MergeflowError(f"{what} failed in {cwd} (dvc {' '.join(args)}): {detail}")
+        raise MergeflowError(f"{what} failed in {cwd} (dvc {' '.join(args)}): {dvc_reason(proc.stderr, proc.stdout)}")
     return proc.stdout
+
+
+def dvc_reason(stderr: str, stdout: str = "") -> str:
+    """DVC's own reason in one line: its ``ERROR:`` lines (the prefix dropped), else the last
+    lines it printed, else that it printed nothing."""
+    lines = [line.strip() for line in (stderr + "\n" + stdout).splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")]
+    text = "; ".join(errors) or " ".join(lines[-3:]) or "DVC gave no reason"
+    return " ".join(text.split())[:400]
 
 
 @task(name="dvc-commit", cache_policy=None)
@@ -48,7 +56,7 @@ def dvc_commit(root: Path) -> str | None:
     if not is_dvc_repo(root):
         log.warning("%s is not a DVC repository with a dvc.yaml: outputs not versioned (run `dvc init`)", root)
         return None
-    dvc(["commit", "--force", "--quiet"], root, "dvc commit")
+    dvc(["commit", "--force"], root, "dvc commit")
     digest = lock_digest(root)
     log.info("dvc: outputs committed, dvc.lock sha256 %s", (digest or "")[:12])
     return digest
@@ -70,5 +78,5 @@ def git_commit(root: Path) -> str | None:
 @task(name="dvc-push", cache_policy=None, retries=3, retry_delay_seconds=[2, 8, 30])
 def dvc_push(root: Path, remote: str) -> None:
     """``dvc push -r REMOTE``: the committed outputs to the team's remote (retried: it is the network)."""
-    dvc(["push", "-r", remote, "--quiet"], root, f"dvc push -r {remote}")
+    dvc(["push", "-r", remote], root, f"dvc push -r {remote}")
     get_run_logger().info("dvc: outputs pushed to remote %r", remote)

@@ -202,7 +202,8 @@ def align(base_ck, model_cks: Sequence, labels: Sequence[str], family: str = "au
                 )
     base = BodyView(base_ck, dict(zip(out, out)), out)
     models = [
-        BodyView(ck, {bp.body[c]: mp.body[c] for c in canon if c in mp.body}, out, fallback=base) for ck, mp in zip(model_cks, mps)
+        BodyView(ck, {bp.body[c]: mp.body[c] for c in canon if c in mp.body}, out, fallback=base)
+        for ck, mp in zip(model_cks, mps)
     ]
     renamed = bool(bp.heads) or any(mp.heads or any(bp.body.get(c) != n for c, n in mp.body.items()) for mp in mps)
     return Aligned(base, models, mps, bp, [bp.body[c] for c in kept], renamed or bool(kept) or _lacking(bp, mps))

@@ -15,7 +15,7 @@ from mergeflow.io import hub
 from mergeflow.io.atomic import atomic_dir, write_json
 from mergeflow.io.outputs import keep_tree
 from mergeflow.params import Params
-from mergeflow.stages.layout import Layout, Log, check_sources_apart, noop
+from mergeflow.stages.layout import Layout, Log, check_sources_apart, local_path, noop
 
 
 def run(p: Params, root: Path, log: Log = noop, map_units=None) -> dict:
@@ -83,9 +83,14 @@ def resolve_sources(p: Params, log: Log = noop, root: Path | None = None):
                 "pinned_ref": r.pinned_ref,
             }
             return Source(ref, r.path, commit=r.commit), pin
-        path = Path(ref).expanduser()
+        path = local_path(ref, root)
         if not path.exists():
-            raise MergeflowError(f"params: {where}: {ref}: no such file or folder (and not an hf:// ref)")
+            hint = (
+                f" (relative paths start at the params file's folder, {root})"
+                if root is not None and not Path(ref).expanduser().is_absolute()
+                else ""
+            )
+            raise MergeflowError(f"params: {where}: {ref}: no such file or folder (and not an hf:// ref){hint}")
         if root is not None:  # the stage's outputs never overlap what it reads
             check_sources_apart(Layout(root), ref, path, where)
         digest = fingerprint(path)
@@ -106,7 +111,7 @@ def resolve_sources(p: Params, log: Log = noop, root: Path | None = None):
     return sources, pins
 
 
-def upstream_state(p: Params, digest: Callable[[Path], str | None] | None = None) -> dict | None:
+def upstream_state(p: Params, digest: Callable[[Path], str | None] | None = None, root: Path | None = None) -> dict | None:
     """What the download stage's sources are now, without downloading anything: every ``hf://``
     ref's current commit (the hub's, or offline the local cache's; None when not cached) and
     every local folder's content digest (``digest``, default :func:`fingerprint`). None for the zoo.
@@ -123,7 +128,7 @@ def upstream_state(p: Params, digest: Callable[[Path], str | None] | None = None
         if ref.startswith("hf://"):
             repo_type, repo, revision = hub.parse_ref(ref)
             return hub.head_commit(repo, repo_type, revision, offline=offline)
-        path = Path(ref).expanduser()
+        path = local_path(ref, root)
         return (digest or fingerprint)(path) if path.exists() else None
 
     return {"base": one(d.base), "tasks": {t: [one(spec.get("model")), one(spec.get("dataset"))] for t, spec in d.tasks.items()}}

@@ -155,6 +155,13 @@ def check_sources_apart(lay: Layout, ref: str, path: Path, where: str) -> None:
             raise MergeflowError(f"params: {where}: {ref}: {exc}") from None
 
 
+def local_path(ref: str, root: Path | None) -> Path:
+    """A local source as params give it: ``~`` expanded, a relative path taken from the workspace
+    (the params file's folder), not from wherever the command was started."""
+    path = Path(ref).expanduser()
+    return path if path.is_absolute() or root is None else Path(root) / path
+
+
 def preflight(p: Params, root: Path, names: tuple[str, ...] | list[str] = STAGES) -> None:
     """Everything about the workspace that can be checked before any work: no output of these
     stages is in the way (:meth:`Layout.claim`), and no local source overlaps an output."""
@@ -166,5 +173,5 @@ def preflight(p: Params, root: Path, names: tuple[str, ...] | list[str] = STAGES
             (f"download.tasks.{t}.{k}", spec.get(k)) for t, spec in d.tasks.items() for k in ("model", "dataset")
         ]
         for where, ref in refs:
-            if isinstance(ref, str) and not ref.startswith("hf://") and Path(ref).expanduser().exists():
-                check_sources_apart(lay, ref, Path(ref).expanduser(), where)
+            if isinstance(ref, str) and not ref.startswith("hf://") and local_path(ref, lay.root).exists():
+                check_sources_apart(lay, ref, local_path(ref, lay.root), where)

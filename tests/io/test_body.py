@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-CFG = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+CFG = dict(
+    vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=32
+)
 
 
 def bert_base(folder: Path, seed: int = 0, legacy_buffer: bool = True) -> dict[str, torch.Tensor]:
@@ -83,7 +85,10 @@ def test_raw_bert_fine_tunes_merge_and_keep_their_heads(raw):
             meta = fh.metadata()
         cfg = json.loads(meta["config"])
         assert meta["prefix"] == "bert." and meta["architecture"] == "BertForSequenceClassification"
-        assert cfg["label2id"] == {v: int(k) for k, v in cfg["id2label"].items()} and len(cfg["id2label"]) == heads["classifier.bias"].numel()
+        assert (
+            cfg["label2id"] == {v: int(k) for k, v in cfg["id2label"].items()}
+            and len(cfg["id2label"]) == heads["classifier.bias"].numel()
+        )
 
 
 def test_a_classification_base_never_has_its_head_merged(tmp_path):
@@ -116,9 +121,20 @@ def test_base_tensors_no_model_has_are_kept_and_said(raw):
         sd = {k: v for k, v in load_file(str(f)).items() if not k.startswith("bert.pooler.")}
         save_file(sd, str(f), metadata={"format": "pt"})
     out = tmp / "out"
-    res = merge("--method", "task_arithmetic", "--base", str(tmp / "minilm"), "--out", str(out), *[str(tmp / "experts" / n) for n in experts])
+    res = merge(
+        "--method",
+        "task_arithmetic",
+        "--base",
+        str(tmp / "minilm"),
+        "--out",
+        str(out),
+        *[str(tmp / "experts" / n) for n in experts],
+    )
     assert res.exit_code == 0, res.output
-    assert "mergeflow: warning: 2 base tensors no model has (e.g. pooler.dense.bias) are kept from the base, not merged" in res.output
+    assert (
+        "mergeflow: warning: 2 base tensors no model has (e.g. pooler.dense.bias) are kept from the base, not merged"
+        in res.output
+    )
     merged = load_file(str(out / "model.safetensors"))
     assert torch.equal(merged["pooler.dense.weight"], base["pooler.dense.weight"])
 
@@ -144,7 +160,9 @@ def test_mismatches_are_one_line_naming_both_sides(raw, case, message):
     elif case == "extra-tensor":
         save_file({**load_file(str(sst)), "bert.adapter.weight": torch.zeros(2, 2)}, str(sst), metadata={"format": "pt"})
     elif case == "unrelated":
-        save_file({"bert.other.weight": torch.zeros(2, 2), "classifier.weight": torch.zeros(2, 2)}, str(sst), metadata={"format": "pt"})
+        save_file(
+            {"bert.other.weight": torch.zeros(2, 2), "classifier.weight": torch.zeros(2, 2)}, str(sst), metadata={"format": "pt"}
+        )
     res = merge(*args, str(tmp / "experts" / "sst"), str(tmp / "experts" / "topic"))
     assert res.exit_code != 0
     lines = [line for line in res.output.splitlines() if line.startswith("mergeflow: error:")]
@@ -155,4 +173,9 @@ def test_mismatches_are_one_line_naming_both_sides(raw, case, message):
 def test_head_labels_are_unique_and_file_safe():
     from mergeflow.io.body import head_labels
 
-    assert head_labels(["a/sst", "b/sst/", "hf://org/my model@v1", "x.safetensors"]) == ["sst", "sst-2", "my_model", "x.safetensors"]
+    assert head_labels(["a/sst", "b/sst/", "hf://org/my model@v1", "x.safetensors"]) == [
+        "sst",
+        "sst-2",
+        "my_model",
+        "x.safetensors",
+    ]

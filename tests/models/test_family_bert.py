@@ -14,7 +14,14 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 WORDS = "the cat dog sat ran on in a park mat quick brown fox lazy men play is good bad very not".split()
-CFG = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, max_position_embeddings=40, initializer_range=0.5)
+CFG = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=40,
+    initializer_range=0.5,
+)
 MAX_LENGTH = 32
 
 
@@ -76,10 +83,19 @@ def prepare(tmp: Path):
     tasks = {}
     for task, cols in (("single", ["text"]), ("pair", ["a", "b"])):
         model, ds = tmp / "experts" / task, tmp / "data" / task
-        opts = {**TextClassification.task_options, "text_columns": cols, "metric": "accuracy" if task == "single" else "pearson_spearmanr"}
+        opts = {
+            **TextClassification.task_options,
+            "text_columns": cols,
+            "metric": "accuracy" if task == "single" else "pearson_spearmanr",
+        }
         tasks[task] = TaskSources(task, Source(str(model), model), Source(str(ds), ds), opts)
     out = tmp / "artifacts"
-    sources = Sources("text_classification", Source(str(tmp / "base"), tmp / "base"), tasks, {**TextClassification.options, "max_length": MAX_LENGTH, "query_pool": 0})
+    sources = Sources(
+        "text_classification",
+        Source(str(tmp / "base"), tmp / "base"),
+        tasks,
+        {**TextClassification.options, "max_length": MAX_LENGTH, "query_pool": 0},
+    )
     TextClassification.prepare(sources, out, lambda _: None)
     return TextClassification(out, "cpu", batch_size=4)
 
@@ -97,7 +113,9 @@ def test_pairs_are_scored_with_their_segments(bert, family):
     with torch.no_grad():
         enc = [tok(a, b, truncation=True, max_length=MAX_LENGTH, return_tensors="pt") for a, b in zip(rows["a"], rows["b"])]
         want = torch.stack([experts["pair"](**e).logits[0, 0] for e in enc])
-        flat = torch.stack([experts["pair"](**{**e, "token_type_ids": torch.zeros_like(e["token_type_ids"])}).logits[0, 0] for e in enc])
+        flat = torch.stack(
+            [experts["pair"](**{**e, "token_type_ids": torch.zeros_like(e["token_type_ids"])}).logits[0, 0] for e in enc]
+        )
     assert (want - flat).abs().max() > 1e-3  # the segments change the scores: a test that can fail
     model = fam.build(Checkpoint(tmp / "artifacts/checkpoints/pair").state_dict())
     got = fam.predict(model, "pair", fam.load_data("pair", "test"))
