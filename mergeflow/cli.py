@@ -269,6 +269,30 @@ def methods_cmd() -> None:
             typer.echo(f"    {key}{also} = {p.default!r}{rng}: {p.help}{source}")
 
 
+@app.command("export")
+def export_cmd(
+    method: Annotated[str, typer.Option(help="a method the workspace merged (merge.methods), or experts")],
+    task: Annotated[str, typer.Option(help="one of the workspace's tasks")],
+    out: Annotated[Path, typer.Option(help="output folder (a Hugging Face model folder)")],
+    params: Annotated[Path, typer.Option(help="params file (its folder is the workspace)")] = Path("params.yaml"),
+) -> None:
+    """Write TASK's deployable model from the workspace's merge with METHOD: body and the task's own
+    head, config with its label maps, the tokenizer (see mergeflow/export.py)."""
+
+    def go():
+        from mergeflow.export import export
+        from mergeflow.io.outputs import claim
+        from mergeflow.params import load_params
+
+        p = load_params(params)
+        root = params.resolve().parent
+        claim(out, is_dir=True, kind=CHECKPOINT, inputs=[root / "artifacts", params.resolve()])
+        res = export(p, root, method, task, out)
+        typer.echo(f"wrote {out}: task {task} by {method} ({res['family']}: {', '.join(res['files'])})")
+
+    guarded(go)
+
+
 @app.command("stage")
 def stage_cmd(
     name: Annotated[str, typer.Argument(help="download, extract, compress, merge or evaluate")],

@@ -105,6 +105,17 @@ class Family(ABC):
     def load_data(self, task: str, split: str, limit: int | None = None) -> Any:
         """A task's split (``"test"`` or ``"train"``), first ``limit`` rows; supports ``len()``."""
 
+    def has_split(self, task: str, split: str) -> bool:
+        """Whether the download stage wrote ``split`` for ``task`` (a text task without a train
+        split, or with ``query_pool: 0``, has no Auto-Switch query pool)."""
+        from mergeflow.errors import MergeflowError
+
+        try:
+            self.load_data(task, split, limit=1)
+        except MergeflowError:
+            return False
+        return True
+
     @abstractmethod
     def predict(self, model: torch.nn.Module, task: str, data: Any, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Per-row outputs (first dim = number of rows) of ``model`` on ``data[rows]`` (all rows when

@@ -49,13 +49,14 @@ class Texts:
             width = int(lengths[pos].max())
             ids = torch.full((len(sel), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(sel), width), dtype=torch.long)
-            types = None if self.types is None else torch.zeros((len(sel), width), dtype=torch.long)
+            src_types = self.types
+            types = None if src_types is None else torch.zeros((len(sel), width), dtype=torch.long)
             for i, r in enumerate(sel.tolist()):
                 a, b = int(self.offsets[r]), int(self.offsets[r + 1])
                 ids[i, : b - a] = self.ids[a:b]
                 mask[i, : b - a] = 1
-                if types is not None:
-                    types[i, : b - a] = self.types[a:b]
+                if types is not None and src_types is not None:
+                    types[i, : b - a] = src_types[a:b]
             inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
             if types is not None:
                 inputs["token_type_ids"] = types.to(device)

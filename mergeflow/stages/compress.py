@@ -29,6 +29,11 @@ def unit_names(p: Params, lay: Layout) -> list[str]:
 
 def run_unit(p: Params, lay: Layout, unit: str, work: Path, log: Log) -> dict:
     if unit == QUERIES_UNIT:
+        fam = family_of(lay, resolve_device(p.device), p.evaluate.batch_size)
+        lacking = [t for t in tasks_of(p, lay) if not fam.has_split(t, "train")]
+        if lacking:  # Auto-Switch then refuses, naming this; every other method runs
+            log(f"compress: no Auto-Switch query set: task {lacking[0]} has no train split ({lay.data / lacking[0]})")
+            return {"bytes": 0, "lacking": lacking}
         queries = build_queries(p, lay)
         queries.save(work / QUERIES_NAME)
         log(f"compress: Auto-Switch query set: {p.compress.queries} per task, {queries.nbytes:,} bytes")

@@ -42,7 +42,7 @@ def run_unit(p: Params, lay: Layout, name: str, work: Path, log: Log) -> dict:
             device=device,
             vector=lambda t: require(lay.vectors / f"{t}.safetensors", "extract"),
             switch=lambda t: require(lay.switches / f"{t}{SWITCH_SUFFIX}", "compress"),
-            queries=lambda: require(lay.switches / QUERIES_NAME, "compress"),
+            queries=lambda: _queries(lay),
             merge=lambda m, sources, hp, data=None: merge_to_disk(
                 m, base, sources, hp, dst, device, metadata={"tasks": ",".join(tasks)}, data=data
             ),
@@ -108,3 +108,14 @@ def _checkpoint_names(model: torch.nn.Module, live: dict[str, torch.Tensor], nam
 
 def finish(p: Params, lay: Layout, work: Path, results: dict, log: Log) -> dict:
     return dict(results)
+
+
+def _queries(lay: Layout) -> Path:
+    """Auto-Switch's query set, or a one-line error saying why compress wrote none."""
+    path = lay.switches / QUERIES_NAME
+    if not path.exists() and (lay.switches / "stats.json").exists():
+        raise MergeflowError(
+            f"{path}: no Auto-Switch query set: the tasks have no train split to draw it from "
+            f"(download.tasks.<task>.train_split, download.options.query_pool)"
+        )
+    return require(path, "compress")

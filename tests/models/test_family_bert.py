@@ -71,36 +71,53 @@ def bert(tmp_path_factory):
     return tmp, tok, experts
 
 
+TASKS = {"single": (["text"], "accuracy"), "pair": (["a", "b"], "pearson_spearmanr")}
+METHODS = ["task_arithmetic", "ties", "tswitch"]
+
+
 @pytest.fixture(scope="module")
-def family(bert):
-    return prepare(bert[0])
+def workspace(bert):
+    """The five stages in-process on a workspace whose params name the sources by relative paths,
+    run from another folder (they start at the params file's folder)."""
+    import os
+
+    import yaml
+
+    from mergeflow import stages
+    from mergeflow.params import load_params
+
+    tmp = bert[0]
+    tasks = {t: {"model": f"experts/{t}", "dataset": f"data/{t}", "text_columns": c, "metric": m} for t, (c, m) in TASKS.items()}
+    params = {
+        "download": {
+            "family": "text_classification",
+            "base": "base",
+            "tasks": tasks,
+            "options": {"max_length": MAX_LENGTH, "query_pool": 0},
+        },
+        "merge": {"methods": METHODS},
+        "evaluate": {"plots": False, "batch_size": 4},
+    }
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    here = os.getcwd()
+    os.chdir(tmp.parent)
+    try:
+        p = load_params(tmp / "params.yaml")
+        for stage in stages.STAGES:
+            stages.run(stage, p, tmp)
+    finally:
+        os.chdir(here)
+    return tmp, p
 
 
-def prepare(tmp: Path):
-    from mergeflow.models.family import Source, Sources, TaskSources
+@pytest.fixture(scope="module")
+def family(workspace):
     from mergeflow.models.text import TextClassification
 
-    tasks = {}
-    for task, cols in (("single", ["text"]), ("pair", ["a", "b"])):
-        model, ds = tmp / "experts" / task, tmp / "data" / task
-        opts = {
-            **TextClassification.task_options,
-            "text_columns": cols,
-            "metric": "accuracy" if task == "single" else "pearson_spearmanr",
-        }
-        tasks[task] = TaskSources(task, Source(str(model), model), Source(str(ds), ds), opts)
-    out = tmp / "artifacts"
-    sources = Sources(
-        "text_classification",
-        Source(str(tmp / "base"), tmp / "base"),
-        tasks,
-        {**TextClassification.options, "max_length": MAX_LENGTH, "query_pool": 0},
-    )
-    TextClassification.prepare(sources, out, lambda _: None)
-    return TextClassification(out, "cpu", batch_size=4)
+    return TextClassification(workspace[0] / "artifacts", "cpu", batch_size=4)
 
 
-def test_pairs_are_scored_with_their_segments(bert, family):
+def test_pairs_are_scored_with_their_segments(bert, workspace, family):
     import pyarrow.parquet as pq
 
     from mergeflow.io.checkpoint import Checkpoint
@@ -122,9 +139,68 @@ def test_pairs_are_scored_with_their_segments(bert, family):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_a_bare_bert_base_with_a_legacy_buffer_is_the_body(bert, family):
+def test_a_bare_bert_base_with_a_legacy_buffer_is_the_body(bert, workspace):
     tmp, _, experts = bert
     body = load_file(str(tmp / "artifacts/checkpoints/base/model.safetensors"))
     assert "embeddings.position_ids" not in body and not [k for k in body if k.startswith("classifier")]
     want = {k for k, v in experts["single"].bert.state_dict().items() if v.is_floating_point()}
     assert {k.removeprefix("bert.") for k in body} == want
+
+
+def scores_of_export(folder: Path, tmp: Path, task: str) -> dict:
+    """The exported folder through transformers' Auto classes on the task's tokenised test rows,
+    scored by the task's metric (what metrics.json reports)."""
+    import pyarrow.parquet as pq
+
+    from mergeflow.models.text_metrics import glue_score
+
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    table = pq.read_table(str(tmp / "artifacts/data" / task / "test.parquet")).to_pydict()
+    outs = []
+    with torch.no_grad():
+        for i, ids in enumerate(table["input_ids"]):
+            inputs = {"input_ids": torch.tensor([ids])}
+            if "token_type_ids" in table:
+                inputs["token_type_ids"] = torch.tensor([table["token_type_ids"][i]])
+            logits = model.eval()(**inputs).logits[0]
+            outs.append(logits[0] if model.config.num_labels == 1 else logits.argmax())
+    return glue_score(TASKS[task][1], torch.stack(outs), torch.tensor(table["label"]))
+
+
+@pytest.mark.parametrize("method, task", [("task_arithmetic", "single"), ("tswitch", "pair"), ("ties", "pair")])
+def test_export_loads_in_transformers_and_scores_what_metrics_json_says(workspace, bert, method, task):
+    import json
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    tmp, _ = workspace
+    out = tmp / "exports" / f"{method}-{task}"
+    res = CliRunner().invoke(
+        app, ["export", "--params", str(tmp / "params.yaml"), "--method", method, "--task", task, "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp / "artifacts/eval/metrics.json").read_text())
+    got = scores_of_export(out, tmp, task)
+    assert got["score"] == pytest.approx(metrics["methods"][method]["acc"][task], abs=1e-6)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and (out / "tokenizer_config.json").exists()
+    assert transformers.AutoTokenizer.from_pretrained(out)("a cat")["input_ids"] == bert[1]("a cat")["input_ids"]
+    record = json.loads((out / "mergeflow_export.json").read_text())
+    assert record["method"] == method and record["task"] == task and record["merge"]
+
+
+def test_export_refuses_what_is_not_there(workspace):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    tmp, _ = workspace
+    for args, message in [
+        (["--method", "emr", "--task", "pair"], "--method: 'emr' has no merge in"),
+        (["--method", "ties", "--task", "nope"], "--task: 'nope' is not one of this workspace's tasks (single, pair)"),
+    ]:
+        res = CliRunner().invoke(app, ["export", "--params", str(tmp / "params.yaml"), *args, "--out", str(tmp / "x")])
+        assert res.exit_code == 2 and message in res.output and not (tmp / "x").exists(), res.output

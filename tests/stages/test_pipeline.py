@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -120,6 +121,38 @@ def test_metrics_contract(workspace, first_run):
     for plot in ("accuracy.png", "normalised.png", "storage.png", "routing.png"):  # routing: Auto-Switch's modes
         assert (workspace / "artifacts/eval/plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tswitch" in first_run.output and "normalised" in first_run.output and "routing acc" in first_run.output
+
+
+@pytest.mark.parametrize("method", ["ties", "tswitch"])
+def test_export_of_a_zoo_task_scores_what_metrics_json_says(workspace, first_run, tmp_path, method):
+    """`mergeflow export` on the zoo: the merged CLIP vision tower (the task's own one for
+    T-Switch) that transformers loads, with its zero-shot head; it scores metrics.json's accuracy."""
+    from safetensors import safe_open
+    from transformers import CLIPVisionModelWithProjection
+
+    from flows.cli import app
+    from mergeflow.models import get_family
+
+    task = json.loads((workspace / "artifacts/sources.json").read_text())["tasks"][1]
+    out = tmp_path / "export"
+    args = ["export", "--params", str(workspace / "params.yaml"), "--method", method, "--task", task, "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    model, info = CLIPVisionModelWithProjection.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with safe_open(str(out / "head.safetensors"), "pt") as fh:
+        weight, scale, classes = (
+            fh.get_tensor("weight"),
+            float(fh.metadata()["logit_scale"]),
+            json.loads(fh.metadata()["classes"]),
+        )
+    assert list(model.config.id2label.values()) == classes
+    data = get_family("zoo")(workspace / "artifacts").load_data(task, "test")
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(model.eval()(pixel_values=data.pixel_values()).image_embeds, dim=-1)
+    acc = float(((scale * emb @ weight.T).argmax(-1) == data.labels).float().mean())
+    metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
+    assert acc == pytest.approx(metrics["methods"][method]["acc"][task], abs=1e-9)
 
 
 def test_dvc_status_clean_after_run(workspace, first_run):
