@@ -134,17 +134,34 @@ def text_columns(ts: TaskSources) -> list[str]:
     return cols
 
 
-def eval_split(ts: TaskSources) -> str:
+def eval_split(ts: TaskSources) -> str | None:
+    """The evaluation split params name (``split``; MNLI's is validation_matched), else None: the
+    first of validation, validation_matched, dev, test the dataset has (its only split for one file)."""
     split = ts.options.get("split")
     if split:
         return split
     name = glue_name(ts.options.get("subset")) or glue_name(ts.name)
-    return "validation_matched" if name == "mnli" else "validation"
+    return "validation_matched" if name == "mnli" else None
 
 
-def prepare_texts(ts: TaskSources, tokenizer, max_length: int, pool: int, seed: int, cfg, folder: Path, log) -> dict:
-    """Tokenise the evaluation split and a seeded sample of the train split into ``folder``."""
-    from mergeflow.models.data import load_split
+@dataclass
+class TaskTexts:
+    """A task's splits read and checked (``check_texts``), ready to tokenise and write."""
+
+    columns: list[str]
+    test: object
+    test_labels: list
+    train: object | None
+    train_labels: list | None
+    regression: bool
+    note: str | None = None  # why there is no query pool
+
+
+def check_texts(ts: TaskSources, cfg, pool: int, seed: int) -> TaskTexts:
+    """Read and check a task's evaluation split and query pool: its columns, and its labels
+    against the expert's head (string and named labels mapped through the expert's ``label2id``).
+    Nothing is written; every problem is a one-line MergeflowError."""
+    from mergeflow.models.data import load_dataset_dict, pick_split
 
     dataset = ts.dataset
     assert dataset is not None, "the caller checks download.tasks.<task>.dataset"
@@ -152,26 +169,51 @@ def prepare_texts(ts: TaskSources, tokenizer, max_length: int, pool: int, seed: 
     label_col = ts.options.get("label_column") or "label"
     subset = ts.options.get("subset")
     regression = cfg.num_labels == 1
-    split = eval_split(ts)
-    test = load_split(dataset, split, subset, [*columns, label_col])
-    where = f"{dataset.ref}" + (f" ({subset})" if subset else "") + f" split {split!r}"
-    labels = _labels(test, label_col, regression, cfg.num_labels, where)
-    write_texts(folder / "test.parquet", *_with_labels(_tokenize(tokenizer, test, columns, max_length), labels, regression))
-    rows = {"test": len(labels)}
+    where0 = f"{dataset.ref}" + (f" ({subset})" if subset else "")
+    dd = load_dataset_dict(dataset, subset)
+    split = pick_split(dd, eval_split(ts), where0)
+    test = _columns(dd[split], [*columns, label_col], f"{where0} split {split!r}")
+    labels = _labels(test, label_col, regression, cfg, f"{where0} split {split!r}")
     train_split = ts.options.get("train_split")
-    if pool and train_split:
-        try:
-            train = load_split(dataset, train_split, subset, [*columns, label_col])
-        except MergeflowError as exc:
-            log(f"download: {ts.name}: no query pool ({exc})")
-            return rows
-        if len(train) > pool:
-            gen = torch.Generator().manual_seed(seed)
-            train = train.select(sorted(torch.randperm(len(train), generator=gen)[:pool].tolist()))
-        tw = f"{dataset.ref} split {train_split!r}"
-        tl = _labels(train, label_col, regression, cfg.num_labels, tw)
-        write_texts(folder / "train.parquet", *_with_labels(_tokenize(tokenizer, train, columns, max_length), tl, regression))
-        rows["train"] = len(tl)
+    if not pool or not train_split:
+        return TaskTexts(columns, test, labels, None, None, regression, "download.options.query_pool is 0" if not pool else None)
+    if train_split not in dd or train_split == split:
+        return TaskTexts(columns, test, labels, None, None, regression, f"no split {train_split!r} (has {', '.join(dd)})")
+    train = _columns(dd[train_split], [*columns, label_col], f"{where0} split {train_split!r}")
+    if len(train) > pool:
+        gen = torch.Generator().manual_seed(seed)
+        train = train.select(sorted(torch.randperm(len(train), generator=gen)[:pool].tolist()))
+    tl = _labels(train, label_col, regression, cfg, f"{where0} split {train_split!r}")
+    return TaskTexts(columns, test, labels, train, tl, regression)
+
+
+def _columns(ds, wanted: list[str], where: str):
+    for col in wanted:
+        if col not in ds.column_names:
+            raise MergeflowError(
+                f"{where}: no column {col!r} (has {', '.join(ds.column_names)}); name it in params (text_columns, label_column)"
+            )
+    return ds
+
+
+def prepare_texts(
+    ts: TaskSources, tokenizer, max_length: int, pool: int, seed: int, cfg, folder: Path, log, checked: TaskTexts | None = None
+) -> dict:
+    """Tokenise the evaluation split and a seeded sample of the train split into ``folder``."""
+    t = checked or check_texts(ts, cfg, pool, seed)
+    write_texts(
+        folder / "test.parquet", *_with_labels(_tokenize(tokenizer, t.test, t.columns, max_length), t.test_labels, t.regression)
+    )
+    rows = {"test": len(t.test_labels)}
+    if t.train is None:
+        if t.note:
+            log(f"download: {ts.name}: no query pool ({t.note})")
+        return rows
+    write_texts(
+        folder / "train.parquet",
+        *_with_labels(_tokenize(tokenizer, t.train, t.columns, max_length), t.train_labels, t.regression),
+    )
+    rows["train"] = len(t.train_labels or [])
     return rows
 
 
@@ -181,14 +223,40 @@ def _with_labels(tokens: tuple, labels, regression: bool) -> tuple:
     return ids, labels, regression, types
 
 
-def _labels(ds, column: str, regression: bool, num_labels: int, where: str):
+def _labels(ds, column: str, regression: bool, cfg, where: str):
+    """The label column as the head's class ids (or values, regression): integers as they are,
+    strings and ``ClassLabel`` names through the expert's ``label2id``; a mismatch is one line."""
     import numpy as np
 
-    y = np.asarray(list(ds[column]))
-    if len(y) == 0:
+    num_labels = cfg.num_labels
+    raw = list(ds[column])
+    if len(raw) == 0:
         raise MergeflowError(f"{where}: no rows")
     if regression:
-        return y.astype(np.float32).tolist()
+        try:
+            return np.asarray(raw, dtype=np.float32).tolist()
+        except (TypeError, ValueError):
+            raise MergeflowError(f"{where}: column {column!r} holds non-numbers; a regression head needs values") from None
+    names: list[str] = list(getattr(ds.features.get(column), "names", None) or [])
+    named = bool(names) and names != [str(i) for i in range(len(names))]  # ClassLabel(num_classes=n) names none
+    if named and not all(n.startswith("LABEL_") for n in _label_names(cfg)):
+        raw = [names[v] if isinstance(v, int) and 0 <= v < len(names) else v for v in raw]  # named classes: map by name
+    if raw and isinstance(raw[0], str):
+        label2id = {str(k): int(v) for k, v in (getattr(cfg, "label2id", None) or {}).items()}
+        if not label2id or all(k.startswith("LABEL_") for k in label2id):
+            raise MergeflowError(
+                f"{where}: column {column!r} holds strings, and the expert's config has no label names "
+                f"(id2label is {', '.join(_label_names(cfg))}): give class ids, or set id2label/label2id in its config.json"
+            )
+        by_name = {k.lower(): v for k, v in label2id.items()}  # "Positive" is the expert's "positive"
+        unknown = sorted({str(v) for v in raw if str(v).lower() not in by_name})
+        if unknown:
+            raise MergeflowError(
+                f"{where}: label {unknown[0]!r} is not one of the expert's labels ({', '.join(label2id)})"
+                + (f"; {len(unknown)} unknown" if len(unknown) > 1 else "")
+            )
+        return [by_name[str(v).lower()] for v in raw]
+    y = np.asarray(raw)
     if y.dtype.kind not in "iub":
         raise MergeflowError(f"{where}: column {column!r} holds {y.dtype} values, a classification head needs class ids")
     y = y.astype(np.int64)
@@ -200,6 +268,11 @@ def _labels(ds, column: str, regression: bool, num_labels: int, where: str):
     if (y >= num_labels).any():
         raise MergeflowError(f"{where}: label {int(y.max())} out of range for a head with num_labels {num_labels}")
     return y.tolist()
+
+
+def _label_names(cfg) -> list[str]:
+    id2label = getattr(cfg, "id2label", None) or {}
+    return [str(id2label[k]) for k in sorted(id2label, key=int)]
 
 
 def _tokenize(tokenizer, ds, columns: list[str], max_length: int) -> tuple[list[list[int]], list[list[int]] | None]:

@@ -13,7 +13,7 @@ import torch
 from mergeflow.errors import MergeflowError
 from mergeflow.models.family import Sources, TaskSources
 from mergeflow.models.text_build import body_config, load_config, meta_model, position_limit, split_names
-from mergeflow.models.text_data import load_tokenizer, prepare_texts
+from mergeflow.models.text_data import check_texts, load_tokenizer, prepare_texts
 from mergeflow.models.text_metrics import task_metric
 
 
@@ -38,6 +38,7 @@ def prepare(sources: Sources, out: Path, log, family: str) -> dict:
         base = body_tensors(base_ck, body_shapes, None)
         dropped = [n for n in base_ck.names() if n not in base and prefix + n not in base]
     model_dirs = {task: model_dir(ts) for task, ts in sources.tasks.items()}
+    checked = check_tasks(sources, model_dirs, body_cfg, family, pool)  # every task, before any is written
     tokenizer = load_tokenizer([base_dir, *model_dirs.values()])
     write_body(out / "checkpoints" / "base", body_cfg, base, tokenizer)
     log(
@@ -47,12 +48,7 @@ def prepare(sources: Sources, out: Path, log, family: str) -> dict:
     facts: dict[str, Any] = {"metrics": {}, "num_labels": {}, "max_length": max_length, "rows": {}}
     for task, ts in sources.tasks.items():
         mdir = model_dirs[task]
-        cfg = load_config(mdir)
-        if cfg.model_type != body_cfg.model_type:
-            raise MergeflowError(f"{mdir / 'config.json'}: model_type {cfg.model_type!r}, the base is {body_cfg.model_type!r}")
-        _, head_shapes = split_names(meta_model(cfg, mdir / "config.json"))
-        if getattr(cfg, "problem_type", None) == "multi_label_classification":
-            raise MergeflowError(f"{mdir / 'config.json'}: multi-label classification heads are not supported")
+        cfg, head_shapes, texts = checked[task]
         with Checkpoint(mdir) as ck:
             body = body_tensors(ck, body_shapes, base)
             head = head_tensors(ck, head_shapes, cfg)
@@ -61,9 +57,7 @@ def prepare(sources: Sources, out: Path, log, family: str) -> dict:
         regression = cfg.num_labels == 1
         metric = task_metric(ts, regression)
         save_head(out / "heads" / f"{task}.safetensors", head, cfg, task, metric)
-        if ts.dataset is None:
-            raise MergeflowError(f"download.tasks.{task}.dataset: required for family {family}")
-        rows = prepare_texts(ts, tokenizer, max_length, pool, sources.seed, cfg, out / "data" / task, log)
+        rows = prepare_texts(ts, tokenizer, max_length, pool, sources.seed, cfg, out / "data" / task, log, texts)
         facts["metrics"][task] = metric
         facts["num_labels"][task] = cfg.num_labels
         facts["rows"][task] = rows
@@ -73,6 +67,33 @@ def prepare(sources: Sources, out: Path, log, family: str) -> dict:
             + (f", {rows['train']} query-pool rows" if rows.get("train") else "")
         )
     return facts
+
+
+def check_tasks(sources: Sources, model_dirs: dict[str, Path], body_cfg, family: str, pool: int) -> dict[str, tuple]:
+    """Every task's expert config and dataset checked before anything of the tasks is written:
+    ``{task: (config, head shapes, TaskTexts)}``. All problems at once, in one line."""
+    problems, checked = [], {}
+    for task, ts in sources.tasks.items():
+        mdir = model_dirs[task]
+        try:
+            cfg = load_config(mdir)
+            if cfg.model_type != body_cfg.model_type:
+                raise MergeflowError(
+                    f"{mdir / 'config.json'}: model_type {cfg.model_type!r}, the base is {body_cfg.model_type!r}"
+                )
+            if getattr(cfg, "problem_type", None) == "multi_label_classification":
+                raise MergeflowError(f"{mdir / 'config.json'}: multi-label classification heads are not supported")
+            _, head_shapes = split_names(meta_model(cfg, mdir / "config.json"))
+            if ts.dataset is None:
+                raise MergeflowError(f"download.tasks.{task}.dataset: required for family {family}")
+            checked[task] = (cfg, head_shapes, check_texts(ts, cfg, pool, sources.seed))
+        except MergeflowError as exc:
+            problems.append(f"task {task}: {exc}" if len(sources.tasks) > 1 else str(exc))
+    if len(problems) == 1:
+        raise MergeflowError(problems[0])
+    if problems:
+        raise MergeflowError(f"{len(problems)} tasks' data or experts are wrong: " + " | ".join(problems))
+    return checked
 
 
 def family_options(o: dict) -> tuple[int, int]:
