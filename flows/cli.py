@@ -85,7 +85,13 @@ def run_cmd(
     t0 = time.perf_counter()
     from mergeflow.stages import preflight
 
+    from tasks import workspace
+
     p = guarded(lambda: load_params(params, set_ or ()))  # every key checked before any work
+    guarded(lambda: workspace.check_sections(params))  # every section DVC tracks is there
+    refreshed = guarded(lambda: workspace.refresh(p, params.resolve().parent))  # an init-ed workspace's dvc.yaml
+    if refreshed:
+        typer.echo(f"updated {', '.join(refreshed)} (the sources params name, the installed mergeflow's code)")
     guarded(lambda: preflight(p, params.resolve().parent))  # and every output's place
     if set_:
         save_overrides(params, set_)
@@ -102,6 +108,16 @@ def run_cmd(
     print_table(result["metrics"])
     cached = [r["stage"] for r in result["stages"] if r["cached"]]
     typer.echo(f"stages cached: {', '.join(cached) or 'none'}; total {time.perf_counter() - t0:.1f} s")
+
+
+@app.command("init")
+def init_cmd(folder: Annotated[Path, typer.Argument(help="the new workspace (made if missing)")]) -> None:
+    """Scaffold a workspace of your own: git, DVC, a params.yaml with commented sources, the
+    dvc.yaml for it (kept current by `mergeflow run`), mergeflow-code.yaml and .gitignore."""
+    from tasks import workspace
+
+    wrote = guarded(lambda: workspace.init(folder))
+    typer.echo(f"made {folder}: {', '.join(wrote)}; next: edit {folder / 'params.yaml'}, then `mergeflow run --params {folder / 'params.yaml'}`")
 
 
 CronOpt = Annotated[Optional[str], typer.Option("--cron", help='cron schedule, e.g. "0 2 * * *" (every day at 02:00)')]

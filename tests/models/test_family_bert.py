@@ -40,6 +40,14 @@ def sentences(rng, n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bert")
+    tok, experts = make_bert(tmp)
+    return tmp, tok, experts
+
+
+def make_bert(tmp: Path):
+    """``tmp/base`` (a bare BertModel with the legacy buffer and a WordPiece tokenizer),
+    ``tmp/experts/{single,pair}`` (raw BertForSequenceClassification fine-tunes) and their
+    datasets ``tmp/data/<task>/data/validation-*.parquet``: (tokenizer, {task: expert model})."""
     tok = tokenizer(tmp / "base")
     torch.manual_seed(0)
     base = transformers.BertModel(transformers.BertConfig(vocab_size=len(tok), **CFG)).eval()
@@ -68,7 +76,7 @@ def bert(tmp_path_factory):
         from datasets import Dataset
 
         Dataset.from_dict(data).to_parquet(str(folder / "validation-00000-of-00001.parquet"))
-    return tmp, tok, experts
+    return tok, experts
 
 
 TASKS = {"single": (["text"], "accuracy"), "pair": (["a", "b"], "pearson_spearmanr")}
