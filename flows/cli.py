@@ -117,7 +117,9 @@ def init_cmd(folder: Annotated[Path, typer.Argument(help="the new workspace (mad
     from tasks import workspace
 
     wrote = guarded(lambda: workspace.init(folder))
-    typer.echo(f"made {folder}: {', '.join(wrote)}; next: edit {folder / 'params.yaml'}, then `mergeflow run --params {folder / 'params.yaml'}`")
+    typer.echo(
+        f"made {folder}: {', '.join(wrote)}; next: edit {folder / 'params.yaml'}, then `mergeflow run --params {folder / 'params.yaml'}`"
+    )
 
 
 CronOpt = Annotated[Optional[str], typer.Option("--cron", help='cron schedule, e.g. "0 2 * * *" (every day at 02:00)')]

@@ -209,7 +209,9 @@ def own_dvc_yaml(local_sources: list[str]) -> str:
         lines += [f"  {stage}:", f"    cmd: mergeflow stage {stage}"]
         if deps:
             lines += ["    deps:"] + [f"      - {_quote(d)}" for d in deps]
-        lines += ["    params:"] + [f"      - {k}" for k in SPEC[stage].params] + [f"      - {CODE_FILE}:", f"          - {stage}"]
+        lines += (
+            ["    params:"] + [f"      - {k}" for k in SPEC[stage].params] + [f"      - {CODE_FILE}:", f"          - {stage}"]
+        )
         if stage == "evaluate":
             lines.append(_EVALUATE_EXTRA.rstrip("\n"))
         else:

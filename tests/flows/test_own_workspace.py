@@ -40,7 +40,12 @@ def test_init_run_and_dvc_agree(tmp_path, prefect_server, monkeypatch):
     make_bert(ws)
     params = yaml.safe_load((ws / "params.yaml").read_text())
     tasks = {t: {"model": f"experts/{t}", "dataset": f"data/{t}", "text_columns": c, "metric": m} for t, (c, m) in TASKS.items()}
-    params["download"] = {"family": "text_classification", "base": "base", "tasks": tasks, "options": {"max_length": MAX_LENGTH, "query_pool": 0}}
+    params["download"] = {
+        "family": "text_classification",
+        "base": "base",
+        "tasks": tasks,
+        "options": {"max_length": MAX_LENGTH, "query_pool": 0},
+    }
     params["evaluate"] = {"plots": False, "batch_size": 4}
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -74,4 +79,7 @@ def test_a_missing_section_is_named_before_dvc_fails(tmp_path):
 
     with pytest.raises(MergeflowError) as exc:
         workspace.check_sections(tmp_path / "params.yaml")
-    assert str(exc.value) == f"{tmp_path / 'params.yaml'}: no 'extract' key: dvc.yaml tracks it for DVC (write `extract: {{}}` to keep the defaults)"
+    assert (
+        str(exc.value)
+        == f"{tmp_path / 'params.yaml'}: no 'extract' key: dvc.yaml tracks it for DVC (write `extract: {{}}` to keep the defaults)"
+    )
