@@ -164,7 +164,7 @@ def align(base_ck, model_cks: Sequence, labels: Sequence[str], family: str = "au
     """Map the fine-tunes onto the base's body, kept under the base's own stored names (the output
     is laid out as the base is); one-line errors name both sides' conventions."""
     bp = parts(base_ck, family)
-    mps = [parts(ck, family) for ck in model_cks]
+    mps = [_nested(bp, parts(ck, family)) for ck in model_cks]
     canon = list(bp.body)  # canonical body names, in the base's order
     out = [bp.body[c] for c in canon]  # ... and the names the output keeps
     floating = {c for c in canon if base_ck.tensor_dtype(bp.body[c]).is_floating_point}
@@ -207,6 +207,26 @@ def align(base_ck, model_cks: Sequence, labels: Sequence[str], family: str = "au
     ]
     renamed = bool(bp.heads) or any(mp.heads or any(bp.body.get(c) != n for c, n in mp.body.items()) for mp in mps)
     return Aligned(base, models, mps, bp, [bp.body[c] for c in kept], renamed or bool(kept) or _lacking(bp, mps))
+
+
+def _nested(bp: Parts, mp: Parts) -> Parts:
+    """A fine-tune of one tower of the base (``CLIPVisionModel`` saved with bare names beside a
+    ``CLIPModel`` base's ``vision_model.*``): its body names under the prefix that places most of
+    them in the base's body. Unchanged when most of them are there already."""
+    names = list(mp.body)
+    if not names or sum(c in bp.body for c in names) * 2 > len(names):
+        return mp
+    counts: dict[str, int] = {}
+    for probe in names[:8]:
+        for b in bp.body:
+            if b.endswith("." + probe):
+                counts.setdefault(b[: -len(probe)], 0)
+    for prefix in counts:
+        counts[prefix] = sum(prefix + c in bp.body for c in names)
+    best = max(counts, key=counts.__getitem__, default=None)
+    if best is None or counts[best] * 2 <= len(names):
+        return mp
+    return Parts(mp.path, mp.arch, mp.prefix, {best + c: n for c, n in mp.body.items()}, mp.heads, mp.config)
 
 
 def _lacking(bp: Parts, mps: Sequence[Parts]) -> bool:

@@ -179,3 +179,50 @@ def test_head_labels_are_unique_and_file_safe():
         "my_model",
         "x.safetensors",
     ]
+
+
+def test_clip_vision_experts_onto_a_full_clip_base(tmp_path):
+    """A CLIPModel base (text and vision towers) and CLIPVisionModel fine-tunes: the vision tower
+    merges, the text tower no expert has is kept from the base; the output loads as a CLIPModel."""
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4)
+    text = dict(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=50,
+        max_position_embeddings=16,
+    )
+    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(tmp_path / "base")
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    for i in (1, 2):
+        expert = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**vision))
+        names = expert.state_dict()  # bare names in transformers 5 (vision_model.* in older files): both map
+        sd = {k: base[b] + 0.1 * i for k in names for b in (k, "vision_model." + k) if b in base and base[b].is_floating_point()}
+        assert len(sd) == len([k for k, v in names.items() if v.is_floating_point()])
+        expert.load_state_dict(sd, strict=False)
+        expert.save_pretrained(tmp_path / f"e{i}")
+    out = tmp_path / "out"
+    res = merge(
+        "--method",
+        "task_arithmetic",
+        "--set",
+        "scaling=1.0",
+        "--base",
+        str(tmp_path / "base"),
+        "--out",
+        str(out),
+        str(tmp_path / "e1"),
+        str(tmp_path / "e2"),
+    )
+    assert res.exit_code == 0, res.output
+    assert "base tensors no model has (e.g. logit_scale) are kept from the base, not merged" in res.output
+    merged = load_file(str(out / "model.safetensors"))
+    _, info = transformers.CLIPModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    name = "vision_model.embeddings.patch_embedding.weight"
+    torch.testing.assert_close(merged[name], base[name] + 0.3, rtol=0, atol=1e-5)  # TA at 1.0: + 0.1 + 0.2
+    assert all(torch.equal(merged[k], base[k]) for k in base if k.startswith("text_model."))
+    assert not (out / "heads").exists()
