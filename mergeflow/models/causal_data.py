@@ -107,7 +107,7 @@ def prepare_blocks(ts: TaskSources, tokenizer, block: int, max_blocks: int | Non
     train, train_from = None, o["train_split"]
     if train_from and train_from != o["split"]:
         try:
-            train_ds = load_split(ts.dataset, train_from, o["subset"], [col])
+            train_ds = load_split(ts.dataset, train_from, o["subset"], [col], evaluation=False)
         except MergeflowError as exc:
             if f"no split {train_from!r}" not in str(exc):
                 raise

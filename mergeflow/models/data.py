@@ -75,12 +75,19 @@ def pick_split(dd, split: str | None, where: str, purpose: str = "evaluation") -
     )
 
 
-def load_split(source: Source, split: str | None, subset: str | None = None, columns: list[str] | None = None):
+def load_split(
+    source: Source, split: str | None, subset: str | None = None, columns: list[str] | None = None, evaluation: bool = True
+):
     """One split of a dataset (see :func:`load_dataset_dict`; ``split`` None: the evaluation split
-    :func:`pick_split` finds); a missing split or column is a one-line MergeflowError."""
+    :func:`pick_split` finds). A one-file dataset is the evaluation split whatever its name in
+    params, and never a train split (``evaluation`` False). A missing split or column is a
+    one-line MergeflowError."""
     where = f"{source.ref}" + (f" ({subset})" if subset else "")
     dd = load_dataset_dict(source, subset)
-    ds = dd[pick_split(dd, split, where)]
+    one_file = list(dd) == ["file"]
+    if one_file and not evaluation:
+        raise MergeflowError(f"{where}: no split {split!r} (one file: the evaluation split only)")
+    ds = dd["file"] if one_file else dd[pick_split(dd, split, where)]
     for col in columns or ():
         if col not in ds.column_names:
             raise MergeflowError(f"{where}: split {split!r} has no column {col!r} (has {', '.join(ds.column_names)})")

@@ -119,7 +119,7 @@ def load_image_splits(ts, pool: int, seed: int):
         classes = [n.replace("_", " ") for n in feature.names]
     train = None
     try:
-        train = load_ds(ts.dataset, o["train_split"], o["subset"], [o["image_column"], o["label_column"]])
+        train = load_ds(ts.dataset, o["train_split"], o["subset"], [o["image_column"], o["label_column"]], evaluation=False)
     except MergeflowError:
         train = None
     if train is not None and len(train) > pool:

@@ -226,3 +226,72 @@ def test_clip_vision_experts_onto_a_full_clip_base(tmp_path):
     torch.testing.assert_close(merged[name], base[name] + 0.3, rtol=0, atol=1e-5)  # TA at 1.0: + 0.1 + 0.2
     assert all(torch.equal(merged[k], base[k]) for k in base if k.startswith("text_model."))
     assert not (out / "heads").exists()
+
+
+def _tiny(kind: str):
+    """(base model, expert model class, expert config) of a tiny model of each family."""
+    t = transformers
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    if kind == "bert":
+        cfg = t.BertConfig(vocab_size=40, max_position_embeddings=16, **small)
+        return t.BertModel(cfg), t.BertForSequenceClassification, cfg
+    if kind == "roberta":
+        cfg = t.RobertaConfig(vocab_size=40, max_position_embeddings=20, **small)
+        return t.RobertaModel(cfg, add_pooling_layer=False), t.RobertaForSequenceClassification, cfg
+    if kind == "deberta-v2":
+        cfg = t.DebertaV2Config(vocab_size=40, max_position_embeddings=16, pooler_hidden_size=16, **small)
+        return t.DebertaV2Model(cfg), t.DebertaV2ForSequenceClassification, cfg
+    if kind == "vit":
+        cfg = t.ViTConfig(image_size=8, patch_size=4, **small)
+        return t.ViTModel(cfg, add_pooling_layer=False), t.ViTForImageClassification, cfg
+    cfg = t.LlamaConfig(vocab_size=40, max_position_embeddings=16, num_key_value_heads=2, **small)
+    return t.LlamaForCausalLM(cfg), t.LlamaForCausalLM, cfg
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "deberta-v2", "vit", "llama"])
+def test_every_family_merges_raw_fine_tunes(tmp_path, kind):
+    """A bare base (or, for a causal LM, the LM itself) and two raw fine-tunes made from it with
+    transformers (which names them as it saves them): the body merges as Task Arithmetic defines
+    it, loads in the base's class, and only classification heads stay apart."""
+    torch.manual_seed(0)
+    base, cls, cfg = _tiny(kind)
+    base.save_pretrained(tmp_path / "base")
+    base_sd = load_file(str(tmp_path / "base" / "model.safetensors"))
+    experts = []
+    for i in (1, 2):
+        expert = (
+            cls.from_pretrained(tmp_path / "base", num_labels=3) if kind != "llama" else cls.from_pretrained(tmp_path / "base")
+        )
+        with torch.no_grad():
+            for param in (expert if kind == "llama" else expert.base_model).parameters():
+                param.add_(0.01 * i)
+        expert.save_pretrained(tmp_path / f"e{i}")
+        experts.append(load_file(str(tmp_path / f"e{i}" / "model.safetensors")))
+    out = tmp_path / "out"
+    res = merge(
+        "--method",
+        "task_arithmetic",
+        "--set",
+        "scaling=1.0",
+        "--base",
+        str(tmp_path / "base"),
+        "--out",
+        str(out),
+        str(tmp_path / "e1"),
+        str(tmp_path / "e2"),
+    )
+    assert res.exit_code == 0, res.output
+    merged = load_file(str(out / "model.safetensors"))
+    prefix = "" if kind == "llama" else cls.base_model_prefix + "."
+    moved = 0
+    for name, theta0 in base_sd.items():
+        if theta0.is_floating_point():
+            taus = [e[prefix + name if prefix + name in e else name] - theta0 for e in experts]
+            moved += bool(taus[0].abs().max() > 0)
+            torch.testing.assert_close(merged[name], theta0 + taus[0] + taus[1], rtol=0, atol=1e-6)
+    assert moved >= len(base_sd) // 2  # the fine-tunes moved their bodies: the sums above can fail
+    keep = {"add_pooling_layer": False} if kind in ("roberta", "vit") else {}
+    _, info = type(base).from_pretrained(out, output_loading_info=True, **keep)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    heads = sorted(p.name for p in (out / "heads").glob("*")) if (out / "heads").exists() else []
+    assert heads == ([] if kind == "llama" else ["e1.safetensors", "e2.safetensors"])

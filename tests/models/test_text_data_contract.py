@@ -126,3 +126,16 @@ def test_every_problem_at_once_in_one_line(models, tmp_path):
     assert "task c: " in msg and "cols.csv split 'file': no column 'text' (has sentence, label)" in msg
     assert "task d" not in msg
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written, for any task
+
+
+def test_one_file_is_the_evaluation_split_of_every_family(tmp_path):
+    """The vision and causal families name their splits (test, train): one file is the evaluation
+    split whatever the name, and never a train split (no query pool drawn from the test rows)."""
+    from mergeflow.models.data import load_split
+    from mergeflow.models.family import Source
+
+    datasets.Dataset.from_dict(ROWS).to_json(str(tmp_path / "d.jsonl"), lines=True)
+    src = Source("d.jsonl", tmp_path / "d.jsonl")
+    assert list(load_split(src, "test", None, ["text"])["label"]) == ROWS["label"]
+    with pytest.raises(MergeflowError, match=r"^d.jsonl: no split 'train' \(one file: the evaluation split only\)$"):
+        load_split(src, "train", None, evaluation=False)
