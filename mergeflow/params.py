@@ -106,8 +106,10 @@ class DownloadParams(_Section):
                 raise ValueError(f"tasks.{task}.model: required (hf://org/name[@revision] or a local folder)")
             if "dataset" in spec and spec["dataset"] is not None and not isinstance(spec["dataset"], str):
                 raise ValueError(f"tasks.{task}.dataset: expected a ref string, got {spec['dataset']!r}")
+            if "splits" in spec:
+                _check_splits(f"tasks.{task}", spec)
             for key in spec:
-                if key not in ("model", "dataset") and key not in fam.task_options:
+                if key not in ("model", "dataset", "splits") and key not in fam.task_options:
                     raise ValueError(
                         f"tasks.{task}.{key}: unknown task option of family {fam.name} "
                         f"(known: model, dataset{''.join(', ' + k for k in fam.task_options)})"
@@ -117,6 +119,34 @@ class DownloadParams(_Section):
     @property
     def family_name(self) -> str:
         return self.family or "zoo"
+
+
+SPLIT_ROLES = {"validation": "split", "test": "split", "evaluation": "split", "train": "train_split"}
+
+
+def _check_splits(where: str, spec: dict) -> None:
+    """``splits: {validation: <name>, train: <name>}``: the dataset's own split names for the
+    evaluation split (``validation``, ``test`` or ``evaluation``) and the query pool (``train``)."""
+    splits = spec["splits"]
+    if not isinstance(splits, dict) or not all(isinstance(v, str) and v for v in splits.values()):
+        raise ValueError(f"{where}.splits: expected a mapping like {{validation: dev, train: training}}, got {splits!r}")
+    for role in splits:
+        if role not in SPLIT_ROLES:
+            raise ValueError(f"{where}.splits.{role}: not one of {', '.join(SPLIT_ROLES)}")
+    evals = [r for r in splits if SPLIT_ROLES[r] == "split"]
+    if len(evals) > 1:
+        raise ValueError(f"{where}.splits: {' and '.join(evals)} both name the evaluation split; give one")
+    for role in splits:
+        if SPLIT_ROLES[role] in spec:
+            raise ValueError(f"{where}: splits.{role} and {SPLIT_ROLES[role]} both given; give one")
+
+
+def split_options(spec: dict) -> dict:
+    """A task's options with ``splits`` turned into the families' ``split`` / ``train_split``."""
+    out = {k: v for k, v in spec.items() if k != "splits"}
+    for role, name in (spec.get("splits") or {}).items():
+        out[SPLIT_ROLES[role]] = name
+    return out
 
 
 class ExtractParams(_Section):

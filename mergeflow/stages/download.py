@@ -14,7 +14,7 @@ from mergeflow.errors import MergeflowError
 from mergeflow.io import hub
 from mergeflow.io.atomic import atomic_dir, write_json
 from mergeflow.io.outputs import keep_tree
-from mergeflow.params import Params
+from mergeflow.params import Params, split_options
 from mergeflow.stages.layout import Layout, Log, check_sources_apart, local_path, noop
 
 
@@ -104,7 +104,7 @@ def resolve_sources(p: Params, log: Log = noop, root: Path | None = None):
         dataset, dataset_pin = (None, None)
         if spec.get("dataset"):
             dataset, dataset_pin = one(spec["dataset"], "dataset", f"download.tasks.{name}.dataset")
-        options = {**family.task_options, **{k: v for k, v in spec.items() if k not in ("model", "dataset")}}
+        options = {**family.task_options, **{k: v for k, v in split_options(spec).items() if k not in ("model", "dataset")}}
         tasks[name] = TaskSources(name, model, dataset, options)
         pins["refs"][name] = {"model": model_pin, "dataset": dataset_pin}
     sources = Sources(family.name, base, tasks, {**family.options, **d.options}, seed=p.seed)

@@ -139,3 +139,26 @@ def test_one_file_is_the_evaluation_split_of_every_family(tmp_path):
     assert list(load_split(src, "test", None, ["text"])["label"]) == ROWS["label"]
     with pytest.raises(MergeflowError, match=r"^d.jsonl: no split 'train' \(one file: the evaluation split only\)$"):
         load_split(src, "train", None, evaluation=False)
+
+
+def test_splits_map_the_dataset_s_own_names(models, tmp_path):
+    """params ``splits: {validation: heldout, train: fit}``: the dataset's own split names."""
+    from mergeflow.params import split_options, validate
+
+    folder = tmp_path / "ds"
+    parts = {split: datasets.Dataset.from_dict({k: v[:n] for k, v in ROWS.items()}) for split, n in (("fit", 5), ("heldout", 4), ("test", 3))}
+    datasets.DatasetDict(parts).save_to_disk(str(folder))
+    spec = {"model": "m", "dataset": "d", "text_columns": ["text"], "splits": {"validation": "heldout", "train": "fit"}}
+    validate({"download": {"family": "text_classification", "base": "b", "tasks": {"sst": spec}}})  # accepted
+    options = {k: v for k, v in split_options(spec).items() if k not in ("model", "dataset")}
+    assert options == {"text_columns": ["text"], "split": "heldout", "train_split": "fit"}
+    out = prepare(models, {"sst": (folder, "named", {k: v for k, v in options.items() if k != "text_columns"})})
+    assert labels_of(out, "sst") == IDS[:4] and len(labels_of(out, "sst", "train")) == 5
+    for bad, message in [
+        ({"dev": "x"}, r"tasks.sst.splits.dev: not one of validation, test, evaluation, train"),
+        ({"validation": "a", "test": "b"}, r"tasks.sst.splits: validation and test both name the evaluation split"),
+    ]:
+        with pytest.raises(MergeflowError, match=message):
+            validate({"download": {"family": "text_classification", "base": "b", "tasks": {"sst": {**spec, "splits": bad}}}})
+    with pytest.raises(MergeflowError, match=r"tasks.sst: splits.validation and split both given"):
+        validate({"download": {"family": "text_classification", "base": "b", "tasks": {"sst": {**spec, "split": "x"}}}})
