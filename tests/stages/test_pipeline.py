@@ -123,10 +123,10 @@ def test_metrics_contract(workspace, first_run):
     assert "tswitch" in first_run.output and "normalised" in first_run.output and "routing acc" in first_run.output
 
 
-@pytest.mark.parametrize("method", ["ties", "tswitch"])
+@pytest.mark.parametrize("method", ["ties", "tswitch", "emr", "tall_mask"])
 def test_export_of_a_zoo_task_scores_what_metrics_json_says(workspace, first_run, tmp_path, method):
-    """`mergeflow export` on the zoo: the merged CLIP vision tower (the task's own one for
-    T-Switch) that transformers loads, with its zero-shot head; it scores metrics.json's accuracy."""
+    """`mergeflow export` on the zoo: the merged CLIP vision tower (the task's own one for the
+    dynamic methods) that transformers loads, with its zero-shot head; it scores metrics.json's accuracy."""
     from safetensors import safe_open
     from transformers import CLIPVisionModelWithProjection
 
