@@ -67,6 +67,13 @@ def test_init_run_and_dvc_agree(tmp_path, prefect_server, monkeypatch):
     pq.write_table(pa.table(table), str(file))
     status = dvc_status(ws)
     assert set(status) == {"download"}, status
+    # `dvc repro` works there too: the changed dataset's download and what follows run again
+    import os
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Running stage 'download'" in proc.stdout and dvc_status(ws) == {}
 
 
 def test_a_missing_section_is_named_before_dvc_fails(tmp_path):

@@ -146,7 +146,10 @@ def test_splits_map_the_dataset_s_own_names(models, tmp_path):
     from mergeflow.params import split_options, validate
 
     folder = tmp_path / "ds"
-    parts = {split: datasets.Dataset.from_dict({k: v[:n] for k, v in ROWS.items()}) for split, n in (("fit", 5), ("heldout", 4), ("test", 3))}
+    parts = {
+        split: datasets.Dataset.from_dict({k: v[:n] for k, v in ROWS.items()})
+        for split, n in (("fit", 5), ("heldout", 4), ("test", 3))
+    }
     datasets.DatasetDict(parts).save_to_disk(str(folder))
     spec = {"model": "m", "dataset": "d", "text_columns": ["text"], "splits": {"validation": "heldout", "train": "fit"}}
     validate({"download": {"family": "text_classification", "base": "b", "tasks": {"sst": spec}}})  # accepted
