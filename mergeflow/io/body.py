@@ -73,15 +73,20 @@ def body_prefix(arch: str) -> str | None:
     return prefix if isinstance(prefix, str) and prefix else None
 
 
+def architecture(ck, family: str = "auto") -> tuple[str | None, dict | None]:
+    """(config.json's first architecture, the config) of a checkpoint folder; (None, None) without one."""
+    if family not in FAMILIES:
+        raise MergeflowError(f"--family: {family!r} is not one of {', '.join(FAMILIES)}")
+    config = _config(ck) if family == "auto" else None
+    archs = (config or {}).get("architectures") or []
+    return (archs[0] if archs and isinstance(archs[0], str) else None), config
+
+
 def parts(ck, family: str = "auto") -> Parts:
     """Split ``ck``'s names into body and heads (``family`` ``none``: every name is body, as is).
     ``body`` maps each body tensor's canonical name (the prefix removed) to its stored name."""
-    if family not in FAMILIES:
-        raise MergeflowError(f"--family: {family!r} is not one of {', '.join(FAMILIES)}")
     names = ck.names()
-    config = _config(ck) if family == "auto" else None
-    archs = (config or {}).get("architectures") or []
-    arch = archs[0] if archs and isinstance(archs[0], str) else None
+    arch, config = architecture(ck, family)
     prefix = body_prefix(arch) if arch else None
     if prefix is None or not any(n.startswith(prefix + ".") for n in names):
         return Parts(ck.path, arch, "", {n: n for n in names}, [], config)  # bare model: all body
@@ -163,8 +168,14 @@ class Aligned:
 def align(base_ck, model_cks: Sequence, labels: Sequence[str], family: str = "auto") -> Aligned:
     """Map the fine-tunes onto the base's body, kept under the base's own stored names (the output
     is laid out as the base is); one-line errors name both sides' conventions."""
-    bp = parts(base_ck, family)
-    mps = [_nested(bp, parts(ck, family)) for ck in model_cks]
+    archs = [architecture(ck, family)[0] for ck in (base_ck, *model_cks)]
+    same = all(set(ck.names()) == set(base_ck.names()) for ck in model_cks)
+    if same and not any(a and a.endswith(HEAD_SUFFIXES) for a in archs):  # nothing to map: no transformers import
+        bp = Parts(base_ck.path, archs[0], "", {n: n for n in base_ck.names()})
+        mps = [Parts(ck.path, a, "", {n: n for n in ck.names()}) for ck, a in zip(model_cks, archs[1:])]
+    else:
+        bp = parts(base_ck, family)
+        mps = [_nested(bp, parts(ck, family)) for ck in model_cks]
     canon = list(bp.body)  # canonical body names, in the base's order
     out = [bp.body[c] for c in canon]  # ... and the names the output keeps
     floating = {c for c in canon if base_ck.tensor_dtype(bp.body[c]).is_floating_point}
