@@ -181,6 +181,14 @@ def test_head_labels_are_unique_and_file_safe():
     ]
 
 
+def sum_of_two(tmp_path: Path):
+    """``mergeflow merge`` of ``e1`` and ``e2`` onto ``base`` by Task Arithmetic at 1.0 (the sum of
+    their task vectors): (the CLI result, the output folder)."""
+    out = tmp_path / "out"
+    args = ["--method", "task_arithmetic", "--set", "scaling=1.0", "--base", str(tmp_path / "base"), "--out", str(out)]
+    return merge(*args, str(tmp_path / "e1"), str(tmp_path / "e2")), out
+
+
 def test_clip_vision_experts_onto_a_full_clip_base(tmp_path):
     """A CLIPModel base (text and vision towers) and CLIPVisionModel fine-tunes: the vision tower
     merges, the text tower no expert has is kept from the base; the output loads as a CLIPModel."""
@@ -204,19 +212,7 @@ def test_clip_vision_experts_onto_a_full_clip_base(tmp_path):
         assert len(sd) == len([k for k, v in names.items() if v.is_floating_point()])
         expert.load_state_dict(sd, strict=False)
         expert.save_pretrained(tmp_path / f"e{i}")
-    out = tmp_path / "out"
-    res = merge(
-        "--method",
-        "task_arithmetic",
-        "--set",
-        "scaling=1.0",
-        "--base",
-        str(tmp_path / "base"),
-        "--out",
-        str(out),
-        str(tmp_path / "e1"),
-        str(tmp_path / "e2"),
-    )
+    res, out = sum_of_two(tmp_path)
     assert res.exit_code == 0, res.output
     assert "base tensors no model has (e.g. logit_scale) are kept from the base, not merged" in res.output
     merged = load_file(str(out / "model.safetensors"))
@@ -267,19 +263,7 @@ def test_every_family_merges_raw_fine_tunes(tmp_path, kind):
                 param.add_(0.01 * i)
         expert.save_pretrained(tmp_path / f"e{i}")
         experts.append(load_file(str(tmp_path / f"e{i}" / "model.safetensors")))
-    out = tmp_path / "out"
-    res = merge(
-        "--method",
-        "task_arithmetic",
-        "--set",
-        "scaling=1.0",
-        "--base",
-        str(tmp_path / "base"),
-        "--out",
-        str(out),
-        str(tmp_path / "e1"),
-        str(tmp_path / "e2"),
-    )
+    res, out = sum_of_two(tmp_path)
     assert res.exit_code == 0, res.output
     merged = load_file(str(out / "model.safetensors"))
     prefix = "" if kind == "llama" else cls.base_model_prefix + "."
